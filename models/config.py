@@ -1,0 +1,106 @@
+"""Network configurations as data: one dataclass per network, two presets each.
+
+`v1` is UniDiffuser-v1 (thu-ml/unidiffuser `configs/sample_unidiffuser_v1.py`, LDM KL-f8,
+openai/clip-vit-large-patch14). `tiny` keeps every structural feature (long skips, the
+data-type token, mid attention, 8x latent factor, 77 CLIP tokens) at widths a 2-core CPU
+runs in milliseconds, for tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class UViTConfig:
+    img_size: int = 64            # latent side the positional embedding was trained for
+    in_chans: int = 4
+    patch_size: int = 2
+    embed_dim: int = 1536
+    depth: int = 30               # depth // 2 in-blocks, one mid block, depth // 2 out-blocks
+    num_heads: int = 24
+    mlp_ratio: int = 4
+    qkv_bias: bool = False
+    text_dim: int = 64
+    num_text_tokens: int = 77
+    clip_img_dim: int = 512
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in `pos_embed`: t_img, t_text, text, clip_img, patches (the data-type
+        token has its own `pos_embed_token`)."""
+        return 1 + 1 + self.num_text_tokens + 1 + self.num_patches
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    # transformers.CLIPTextConfig fields of openai/clip-vit-large-patch14
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # the caption decoder's encode_prefix: Linear(hidden_size -> prefix_dim)
+    prefix_dim: int = 64
+
+    def clip_fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prefix_dim"}
+
+
+@dataclass(frozen=True)
+class VAEDecoderConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4            # channels of the latent that post_quant_conv reads
+    out_ch: int = 3
+    num_groups: int = 32
+    eps: float = 1e-6
+    scale_factor: float = 0.18215
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    uvit: UViTConfig = field(default_factory=UViTConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae_decoder: VAEDecoderConfig = field(default_factory=VAEDecoderConfig)
+
+    @property
+    def default_size(self) -> int:
+        """Image side (pixels) at which the UViT needs no positional-embedding interpolation."""
+        return self.uvit.img_size * self.vae_decoder.downsample
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        try:
+            vae = dict(d["vae_decoder"])
+            vae["ch_mult"] = tuple(vae["ch_mult"])
+            return cls(UViTConfig(**d["uvit"]), TextEncoderConfig(**d["text_encoder"]), VAEDecoderConfig(**vae))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"model config is missing or has unknown fields: {e}") from None
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "v1": ModelConfig(),
+    "tiny": ModelConfig(
+        uvit=UViTConfig(img_size=16, embed_dim=32, depth=4, num_heads=2, text_dim=8, clip_img_dim=16),
+        text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, prefix_dim=8),
+        vae_decoder=VAEDecoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+    ),
+}

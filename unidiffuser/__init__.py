@@ -1,0 +1,1 @@
+"""UniDiffuser text-to-image: tokenizer, sampler, checkpoint conversion and the pipeline."""

@@ -1,0 +1,368 @@
+"""Reading the original UniDiffuser-v1 files, writing and reading the converted model folder.
+
+Original files (thu-ml/unidiffuser-v1 on the hub, and openai/clip-vit-large-patch14):
+
+    SRC/uvit_v1.pth            UViT state dict
+    SRC/caption_decoder.pth    GPT-2 caption decoder; only `module.encode_prefix.*` is read
+    SRC/autoencoder_kl.pth     KL-f8 autoencoder; only `decoder.*` and `post_quant_conv.*` are read
+    SRC/clip-vit-large-patch14/{config.json, model.safetensors | pytorch_model.bin, vocab.json, merges.txt}
+
+Converted folder (what run.py reads):
+
+    config.json                ModelConfig (models/config.py) as data
+    manifest.json              per file: sha256, dtype, source; and whether the weights are random
+    text_encoder.safetensors   text_model.* + encode_prefix.*
+    uvit.safetensors           the UViT with its original names
+    vae_decoder.safetensors    decoder.* + post_quant_conv.*
+    tokenizer/{vocab.json, merges.txt}
+
+Checkpoints are loaded with `torch.load(weights_only=True)` (no pickled code runs) or safetensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.config import PRESETS, ModelConfig
+from models.text_encoder import TextEncoder, clip_text_config
+from models.uvit import UViT
+from models.vae_decoder import VAEDecoder
+
+from . import tokenizer
+from .files import current_umask, atomic_write, atomic_write_text
+
+log = logging.getLogger("unidiffuser")
+
+UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, CLIP_DIR = (
+    "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14")
+HUB_REPO, CLIP_REPO = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
+NETWORKS = ("text_encoder", "uvit", "vae_decoder")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model folder that is missing, unreadable or of the wrong layout."""
+
+
+def build(name: str, cfg: ModelConfig) -> nn.Module:
+    return {"text_encoder": lambda: TextEncoder(cfg.text_encoder), "uvit": lambda: UViT(cfg.uvit),
+            "vae_decoder": lambda: VAEDecoder(cfg.vae_decoder)}[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading originals
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+    except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    return sd
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Strict: same names and shapes as the model, or a CheckpointError that lists the differences."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
+                   for k in set(sd) & set(expected) if sd[k].shape != expected[k])
+
+    def few(xs):
+        return ", ".join(xs[:6]) + (f" and {len(xs) - 6} more" if len(xs) > 6 else "")
+
+    problems = [f"missing keys: {few(missing)}" if missing else "",
+                f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                f"wrong shapes: {few(wrong)}" if wrong else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"{source}: does not match the {type(model).__name__} layout; "
+                              + "; ".join(problems) + (f". {hint}" if hint else ""))
+
+
+def read_uvit(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = load_torch_file(path)
+    hint = ("This looks like a UniDiffuser-v0 UViT (no data-type token); v1 (uvit_v1.pth) is expected."
+            if "token_embedding.weight" not in sd and "pos_embed" in sd else "")
+    check_state_dict(build("uvit", cfg), sd, str(path), hint)
+    return sd
+
+
+def read_vae_decoder(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = load_torch_file(path)
+    # The encoder half is expected in the file and not needed; anything else must match.
+    sd = {k: v for k, v in sd.items() if not k.startswith(("encoder.", "quant_conv."))}
+    check_state_dict(build("vae_decoder", cfg), sd, str(path))
+    return sd
+
+
+def read_text_encoder(clip_dir: Path, caption_path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    clip_dir = Path(clip_dir)
+    weights = next((clip_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (clip_dir / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{clip_dir}: no model.safetensors or pytorch_model.bin (the {CLIP_REPO} weights)")
+    full = load_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights)
+    sd = {k: v for k, v in full.items() if k.startswith("text_model.")}   # vision tower not needed
+    # Only encode_prefix of the caption decoder; DataParallel saved it as module.encode_prefix.*
+    cap = load_torch_file(caption_path)
+    for name in ("weight", "bias"):
+        key = next((k for k in (f"module.encode_prefix.{name}", f"encode_prefix.{name}") if k in cap), None)
+        if key is None:
+            raise CheckpointError(f"{caption_path}: no encode_prefix.{name} (expected the caption decoder "
+                                  f"of {HUB_REPO}, with keys module.encode_prefix.*)")
+        sd[f"encode_prefix.{name}"] = cap[key]
+    check_state_dict(build("text_encoder", cfg), sd, f"{weights} + {caption_path}")
+    return sd
+
+
+def read_originals(src: Path, cfg: ModelConfig) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    src = Path(src)
+    return {
+        "text_encoder": (read_text_encoder(src / CLIP_DIR, src / CAPTION_FILE, cfg),
+                         f"{CLIP_DIR}/ text_model.* + {CAPTION_FILE} encode_prefix.*"),
+        "uvit": (read_uvit(src / UVIT_FILE, cfg), UVIT_FILE),
+        "vae_decoder": (read_vae_decoder(src / AUTOENCODER_FILE, cfg),
+                        f"{AUTOENCODER_FILE} decoder.* + post_quant_conv.*"),
+    }
+
+
+def missing_originals(src: Path) -> list[str]:
+    src = Path(src)
+    need = [src / UVIT_FILE, src / CAPTION_FILE, src / AUTOENCODER_FILE, src / CLIP_DIR / "config.json"]
+    missing = [str(p) for p in need if not p.is_file()]
+    if not any((src / CLIP_DIR / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        missing.append(str(src / CLIP_DIR / "model.safetensors"))
+    return missing
+
+
+def placement_help(src: Path) -> str:
+    return (f"Place the original files like this and pass --src {src}:\n"
+            f"  {src}/{UVIT_FILE}            from https://huggingface.co/{HUB_REPO}\n"
+            f"  {src}/{CAPTION_FILE}     from https://huggingface.co/{HUB_REPO}\n"
+            f"  {src}/{AUTOENCODER_FILE}      from https://huggingface.co/{HUB_REPO}\n"
+            f"  {src}/{CLIP_DIR}/ config.json, model.safetensors, vocab.json, merges.txt\n"
+            f"                                from https://huggingface.co/{CLIP_REPO}")
+
+
+def download_originals(src: Path) -> Path:
+    """Fetch the original files into src with huggingface_hub; offline, say what to place where."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    src = Path(src)
+    try:
+        for f in (UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE):
+            hf_hub_download(HUB_REPO, f, local_dir=src)
+        snapshot_download(CLIP_REPO, local_dir=src / CLIP_DIR,
+                          allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+    except Exception as e:
+        raise CheckpointError(f"could not download the original weights ({type(e).__name__}: {e}).\n"
+                              + placement_help(src)) from None
+    return src
+
+
+def clip_config_matches(clip_dir: Path, cfg: ModelConfig) -> None:
+    path = Path(clip_dir) / "config.json"
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+    c = c.get("text_config", c)   # a CLIPModel config nests the text tower's fields
+    want = cfg.text_encoder.clip_fields()
+    diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
+    if diff:
+        raise CheckpointError(f"{path}: text config differs from the preset: "
+                              + ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights in the original layouts (tests and benchmarks without downloads)
+
+def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Deterministic random weights with healthy activations: matrices ~ N(0, 1/fan_in), norm
+    scales ~ 1 + N(0, 0.1), biases and norm shifts ~ N(0, 0.1), position tables ~ N(0, 0.02)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.ndim == 1:
+                is_scale = name.endswith("weight")
+                p.copy_(1 + 0.1 * noise if is_scale else 0.1 * noise)
+            elif p.shape[0] == 1:
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(noise / (p[0].numel() ** 0.5))
+    return module
+
+
+def _encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the autoencoder's encoder half (present in autoencoder_kl.pth)."""
+    v = cfg.vae_decoder
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (c,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    conv("encoder.conv_in", v.out_ch, v.ch, 3)
+    cin = v.ch
+    for i, m in enumerate(v.ch_mult):
+        for j in range(v.num_res_blocks):
+            resnet(f"encoder.down.{i}.block.{j}", cin, v.ch * m)
+            cin = v.ch * m
+        if i != len(v.ch_mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", cin, cin, 3)
+    resnet("encoder.mid.block_1", cin, cin)
+    norm("encoder.mid.attn_1.norm", cin)
+    for n in ("q", "k", "v", "proj_out"):
+        conv(f"encoder.mid.attn_1.{n}", cin, cin, 1)
+    resnet("encoder.mid.block_2", cin, cin)
+    norm("encoder.norm_out", cin)
+    conv("encoder.conv_out", cin, 2 * v.z_channels, 3)
+    conv("quant_conv", 2 * v.z_channels, 2 * v.embed_dim, 1)
+    return shapes
+
+
+def write_random_originals(src: Path, preset: str, seed: int = 0) -> ModelConfig:
+    """Random weights written exactly where and how the original files are laid out."""
+    from transformers import CLIPConfig
+
+    cfg = PRESETS[preset]
+    src = Path(src)
+    (src / CLIP_DIR).mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+
+    atomic_write(src / UVIT_FILE, partial(torch.save, randomize_(build("uvit", cfg), g).state_dict()))
+
+    vae = randomize_(build("vae_decoder", cfg), g).state_dict()
+    for k, shape in _encoder_shapes(cfg).items():
+        vae[k] = torch.randn(shape, generator=g) * 0.05
+    atomic_write(src / AUTOENCODER_FILE, partial(torch.save, vae))
+
+    te = randomize_(build("text_encoder", cfg), g).state_dict()
+    # The real caption decoder also holds a GPT-2 (module.gpt.*), not needed for text-to-image.
+    d = cfg.text_encoder
+    cap = {"module.encode_prefix.weight": te.pop("encode_prefix.weight"),
+           "module.encode_prefix.bias": te.pop("encode_prefix.bias"),
+           "module.decode_prefix.weight": torch.randn(d.hidden_size, d.prefix_dim, generator=g) * 0.1,
+           "module.decode_prefix.bias": torch.zeros(d.hidden_size)}
+    atomic_write(src / CAPTION_FILE, partial(torch.save, cap))
+    atomic_write(src / CLIP_DIR / "model.safetensors", partial(save_file, {k: v.contiguous() for k, v in te.items()}))
+    clip_cfg = CLIPConfig(text_config=clip_text_config(d).to_dict()).to_dict()
+    atomic_write_text(src / CLIP_DIR / "config.json", json.dumps(clip_cfg, indent=2, default=str))
+    tokenizer.write_tokenizer_files(src / CLIP_DIR)
+    (src / "RANDOM_WEIGHTS").write_text(f"random weights, preset {preset}, seed {seed}\n")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The converted folder
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[str, torch.Tensor], str]],
+                    dtype: str, tokenizer_src: Path | None, random: bool, overwrite: bool = False) -> Path:
+    """Write the folder under a temporary name beside `out`, then rename: never half-written."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        files = {}
+        for name, (sd, source) in networks.items():
+            path = tmp / f"{name}.safetensors"
+            tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+            atomic_write(path, partial(save_file, tensors, metadata={"source": source, "dtype": dtype}))
+            files[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size, "dtype": dtype, "source": source}
+        tok_dir = tmp / "tokenizer"
+        if tokenizer_src is not None and all((Path(tokenizer_src) / f).is_file() for f in tokenizer.TOKENIZER_FILES):
+            tok_dir.mkdir()
+            for f in tokenizer.TOKENIZER_FILES:
+                shutil.copyfile(Path(tokenizer_src) / f, tok_dir / f)
+        else:
+            tokenizer.write_tokenizer_files(tok_dir)
+        atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        manifest = {"format": 1, "random_weights": random, "dtype": dtype, "files": files}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def read_manifest(model_dir: Path) -> tuple[ModelConfig, dict]:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model folder not found (make one with convert_weights.py)")
+    try:
+        cfg = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{model_dir}: not a converted model folder: config.json/manifest.json "
+                              f"missing or unreadable ({e}); make one with convert_weights.py") from None
+    return cfg, manifest
+
+
+def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, verify: bool = True) -> dict[str, torch.Tensor]:
+    """One network's state dict from the converted folder, checked against the manifest."""
+    path = Path(model_dir) / f"{name}.safetensors"
+    entry = manifest["files"].get(path.name)
+    if entry is None:
+        raise CheckpointError(f"{model_dir}/manifest.json: no entry for {path.name}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (listed in the manifest; re-run convert_weights.py)")
+    if verify and sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match manifest.json (file changed or corrupt; "
+                              f"re-run convert_weights.py)")
+    sd = load_safetensors(path)
+    check_state_dict(build(name, cfg), sd, str(path))
+    return sd

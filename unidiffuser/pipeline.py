@@ -1,0 +1,184 @@
+"""Text-to-image, top to bottom: tokenize -> encode -> sample (50x UViT with CFG) -> decode.
+
+The three networks come from a backend (`BACKENDS`); everything around them (tokenizer,
+noise, DPM-Solver++, classifier-free guidance, image conversion) is shared, so backends differ
+only in how they run the networks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from models.config import ModelConfig
+
+from . import checkpoints, sampler
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("unidiffuser")
+
+DATA_TYPE = 1   # v1's data-type flag: 1 = the cleaner internal data it was finetuned on
+
+
+class TorchBackend:
+    """The PyTorch networks. fp32 is the reference; fp16/bf16 on CUDA is the fast path."""
+
+    name = "torch"
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        nets = {}
+        for name in checkpoints.NETWORKS:
+            net = checkpoints.build(name, cfg)
+            net.load_state_dict(checkpoints.load_network(model_dir, name, cfg, manifest))
+            nets[name] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.text_encoder, self.uvit_net, self.vae_decoder = nets["text_encoder"], nets["uvit"], nets["vae_decoder"]
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)
+
+    def uvit(self, z, clip_img, text, t_img, t_text, data_type):
+        z_out, clip_img_out, _ = self.uvit_net(z, clip_img, text, t_img, t_text, data_type)
+        return z_out, clip_img_out
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae_decoder(z)
+
+
+def _trtllm_backend(*args, **kwargs):
+    from .trtllm_backend import TrtllmBackend   # imports tensorrt_llm: only when asked for
+    return TrtllmBackend(*args, **kwargs)
+
+
+BACKENDS: dict[str, Callable] = {"torch": TorchBackend, "trtllm": _trtllm_backend}
+
+
+@dataclass
+class Request:
+    prompts: list[str]
+    seeds: list[int]
+    steps: int = 50
+    scale: float = 7.0
+    height: int = 512
+    width: int = 512
+
+    def validate(self) -> None:
+        if len(self.prompts) != len(self.seeds) or not self.prompts:
+            raise ValueError("need one seed per prompt, and at least one prompt")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 16:
+                raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches), got {v}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class Result:
+    images: torch.Tensor                          # uint8 [B, H, W, 3] on the CPU
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class Text2Image:
+    def __init__(self, backend, cfg: ModelConfig, tokenizer: Tokenizer, manifest: dict | None = None):
+        self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
+        self.manifest = manifest or {}
+        self.device, self.dtype = backend.device, backend.dtype
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, device: str | torch.device, dtype: str = "fp32", backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if dtype not in checkpoints.DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(checkpoints.DTYPES)}, got {dtype!r}")
+        model_dir = Path(model_dir)
+        cfg, manifest = checkpoints.read_manifest(model_dir)
+        if manifest.get("random_weights"):
+            log.warning("%s holds RANDOM weights (convert_weights.py --random): images will be noise", model_dir)
+        net_backend = BACKENDS[backend](model_dir, cfg, manifest, torch.device(device), checkpoints.DTYPES[dtype])
+        return cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest)
+
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    def initial_noise(self, seeds: list[int], steps: int, h: int, w: int):
+        """Per image, from its own seed (so any image reproduces alone): z, clip_img, and the
+        unconditional branch's text noise for every model evaluation, drawn up front. Drawn on
+        the CPU so a seed means the same noise on every device."""
+        u = self.cfg.uvit
+        zs, clips, texts = [], [], []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            zs.append(torch.randn(u.in_chans, h, w, generator=g))
+            clips.append(torch.randn(1, u.clip_img_dim, generator=g))
+            texts.append(torch.randn(steps, u.num_text_tokens, u.text_dim, generator=g))
+        return (torch.stack(zs).to(self.device), torch.stack(clips).to(self.device),
+                torch.stack(texts, dim=1).to(self.device))
+
+    def noise_fn(self, text: torch.Tensor, text_uncond: torch.Tensor, z_shape, scale: float):
+        """The CFG noise prediction on the flat state x = [z | clip_img] that the solver moves.
+
+        Conditional rows see the prompt at t_text = 0; unconditional rows ('true_uncond') see
+        fresh N(0, I) text at t_text = N. Both run as one batch. The solver state stays fp32
+        (as under the original's autocast); the network runs in the backend's dtype."""
+        B, dt, N = text.shape[0], self.dtype, sampler.NUM_TRAIN_TIMESTEPS
+        zdim = z_shape.numel()
+        rows = 2 * B if scale != 0 else B
+        t_text = torch.zeros(rows, device=self.device)
+        t_text[B:] = N
+        data_type = torch.full((rows,), DATA_TYPE, device=self.device, dtype=torch.long)
+
+        def fn(x: torch.Tensor, k: int, t: float) -> torch.Tensor:
+            z = x[:, :zdim].reshape(B, *z_shape)
+            clip_img = x[:, zdim:].reshape(B, 1, -1)
+            txt = text if scale == 0 else torch.cat([text, text_uncond[k]])
+            if scale != 0:
+                z, clip_img = torch.cat([z, z]), torch.cat([clip_img, clip_img])
+            t_img = torch.full((rows,), t * N, device=self.device)
+            z_out, clip_out = self.backend.uvit(z.to(dt), clip_img.to(dt), txt.to(dt), t_img, t_text, data_type)
+            out = torch.cat([z_out.reshape(rows, -1), clip_out.reshape(rows, -1)], dim=1).float()
+            if scale == 0:
+                return out
+            cond, uncond = out.chunk(2)
+            return cond + scale * (cond - uncond)
+
+        return fn
+
+    @torch.no_grad()
+    def __call__(self, req: Request, progress: Callable[[int], None] | None = None) -> Result:
+        req.validate()
+        f = self.cfg.vae_decoder.downsample
+        h, w = req.height // f, req.width // f
+        timings = {}
+        with self._timed(timings, "encode_s"):
+            ids = self.tokenizer(req.prompts).to(self.device)
+            text = self.backend.encode_text(ids).float()
+        with self._timed(timings, "sample_s"):
+            z, clip_img, text_uncond = self.initial_noise(req.seeds, req.steps, h, w)
+            x = torch.cat([z.flatten(1), clip_img.flatten(1)], dim=1)
+            fn = self.noise_fn(text, text_uncond, z.shape[1:], req.scale)
+            x = sampler.sample(fn, x, sampler.plan(req.steps), callback=progress)
+        with self._timed(timings, "decode_s"):
+            z = x[:, :z[0].numel()].reshape(z.shape)
+            img = self.backend.decode(z.to(self.dtype)).float()
+            images = to_uint8(img)
+        return Result(images, timings)
+
+    @contextmanager
+    def _timed(self, timings: dict, key: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        timings[key] = time.perf_counter() - t0
+
+
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW -> uint8 NHWC on the CPU, rounding as torchvision's save_image does."""
+    img = ((img + 1) * 0.5).clamp(0, 1)
+    return img.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
