@@ -76,13 +76,14 @@ def main(argv=None) -> int:
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     # Fail on bad sizes, steps or output folder before minutes of model loading.
-    probe = Request(["-"], [0], args.steps, args.scale, args.height or 16, args.width or 16)
+    probe = Request(["-"], [0], args.steps, args.scale, 16 if args.height is None else args.height,
+                    16 if args.width is None else args.width)
     probe.validate()
     check_writable(args.out)
 
     pipe = Text2Image.from_dir(args.model_dir, args.device, dtype, args.backend)
-    height = args.height or pipe.cfg.default_size
-    width = args.width or pipe.cfg.default_size
+    height = pipe.cfg.default_size if args.height is None else args.height
+    width = pipe.cfg.default_size if args.width is None else args.width
     random = bool(pipe.manifest.get("random_weights"))
 
     index = 0
