@@ -1,0 +1,445 @@
+#!/usr/bin/env python3
+"""Benchmark and accuracy report: the fp32 reference, our fp16 fast path and diffusers'
+UniDiffuserPipeline (fp16, when diffusers is installed), measured in one run on one GPU.
+
+Real v1 shapes with random weights (no downloads). Per component (text encoder + prefix, one
+CFG-batched UViT call, VAE decoder) and end to end (50 steps, 512x512) at several batch sizes;
+CUDA-event timings after warm-up, medians over repeats; peak GPU memory; fp16-vs-fp32 error per
+component and for the final image from the same seed and initial noise.
+
+    python bench.py --json bench.json --chart bench.png            # on a CUDA GPU
+    python bench.py --preset tiny --device cpu --batch-sizes 1 --repeats 1 --steps 3   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.config import PRESETS
+from unidiffuser import checkpoints, sampler
+from unidiffuser.pipeline import Request, Text2Image, TorchBackend, make_fast
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="v1")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="precision of the fast path")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per end-to-end measurement")
+    p.add_argument("--fp32-e2e-batches", type=int, nargs="*", default=[1],
+                   help="batch sizes at which the (slow) fp32 reference also runs end to end")
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers even if installed")
+    p.add_argument("--compile", action="store_true", help="also measure the torch.compile'd UViT")
+    p.add_argument("--profile", action="store_true", help="split one fp16 UViT call into GEMM / attention / rest")
+    p.add_argument("--json", type=Path, help="write all numbers here")
+    p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup=3, repeats=20) -> float:
+    """Median milliseconds of fn(): CUDA events on a GPU, a synchronised clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graphed(fn, device):
+    """fn captured in a CUDA graph (the fast path's way of running a fixed-shape call)."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def peak_mb(device, fn) -> float:
+    if device.type != "cuda":
+        fn()
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+# -- accuracy -----------------------------------------------------------------------------------
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Absolute and relative error of out against ref. Elementwise relative error is taken
+    where |ref| > 1e-3 * max|ref| (near-zero references make it meaningless)."""
+    out, ref = out.double().flatten(), ref.double().flatten()
+    d = (out - ref).abs()
+    keep = ref.abs() > 1e-3 * ref.abs().max()
+    rel = d[keep] / ref.abs()[keep]
+
+    def stats(t):
+        return {"max": t.max().item(), "mean": t.mean().item(), "median": t.median().item()}
+
+    return {"abs": stats(d), "rel": stats(rel), "rel_l2": (d.norm() / ref.norm()).item(),
+            "ref_rms": ref.pow(2).mean().sqrt().item()}
+
+
+# -- the networks -------------------------------------------------------------------------------
+
+def build_networks(cfg, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    nets = {}
+    for name in checkpoints.NETWORKS:
+        net = checkpoints.randomize_(checkpoints.build(name, cfg), g).eval().requires_grad_(False)
+        nets[name] = net
+    ref = {k: v.to(device) for k, v in nets.items()}                        # fp32, as written
+    fast = {k: checkpoints.build(k, cfg).to(device=device, dtype=dtype).eval().requires_grad_(False) for k in nets}
+    for k in nets:
+        fast[k].load_state_dict(nets[k].state_dict())
+    return ref, fast
+
+
+class InMemoryBackend(TorchBackend):
+    """TorchBackend around networks already in memory (no model folder)."""
+
+    def __init__(self, nets, device, dtype, compile=False):
+        self.device, self.dtype = device, dtype
+        self.text_encoder, self.uvit_net, self.vae_decoder = nets["text_encoder"], nets["uvit"], nets["vae_decoder"]
+        self.graph_safe = self.fast = device.type == "cuda" and dtype != torch.float32
+        if self.fast:
+            make_fast(self.vae_decoder)
+        self._uvit = torch.compile(self.uvit_net, dynamic=False) if compile else self.uvit_net
+
+
+def make_tokenizer(tmp: Path):
+    from unidiffuser import tokenizer
+    tokenizer.write_tokenizer_files(tmp)
+    return tokenizer.Tokenizer(tmp)
+
+
+# -- diffusers ----------------------------------------------------------------------------------
+
+def diffusers_pipeline(cfg, tok_dir: Path, device, dtype):
+    """diffusers' UniDiffuserPipeline at the same shapes, random weights. The image encoder and
+    caption decoder are unused by text-to-image and built tiny."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UniDiffuserPipeline
+    from diffusers.pipelines.deprecated.unidiffuser import UniDiffuserModel, UniDiffuserTextDecoder
+    from transformers import (CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                              CLIPImageProcessor)
+
+    from models.text_encoder import clip_text_config
+
+    u, v = cfg.uvit, cfg.vae_decoder
+    unet = UniDiffuserModel(
+        text_dim=u.text_dim, clip_img_dim=u.clip_img_dim, num_text_tokens=u.num_text_tokens,
+        num_attention_heads=u.num_heads, attention_head_dim=u.embed_dim // u.num_heads,
+        in_channels=u.in_chans, out_channels=u.in_chans, num_layers=u.depth, norm_num_groups=32,
+        attention_bias=u.qkv_bias, sample_size=u.img_size, patch_size=u.patch_size, activation_fn="gelu",
+        num_embeds_ada_norm=1000, block_type="unidiffuser", pre_layer_norm=False,
+        use_timestep_embedding=False, use_patch_pos_embed=False, ff_final_dropout=True,
+        use_data_type_embedding=True)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=v.z_channels, norm_num_groups=v.num_groups,
+        block_out_channels=[v.ch * m for m in v.ch_mult], layers_per_block=v.num_res_blocks,
+        down_block_types=["DownEncoderBlock2D"] * len(v.ch_mult), up_block_types=["UpDecoderBlock2D"] * len(v.ch_mult),
+        scaling_factor=v.scale_factor, sample_size=cfg.default_size)
+    text_encoder = CLIPTextModel(clip_text_config(cfg.text_encoder))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=16, projection_dim=u.clip_img_dim))
+    text_decoder = UniDiffuserTextDecoder(
+        prefix_length=77, prefix_inner_dim=cfg.text_encoder.hidden_size, prefix_hidden_dim=u.text_dim,
+        vocab_size=64, n_positions=128, n_embd=32, n_layer=1, n_head=2, n_inner=64)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            solver_order=3)
+    pipe = UniDiffuserPipeline(vae=vae, text_encoder=text_encoder, image_encoder=image_encoder,
+                               clip_image_processor=CLIPImageProcessor(), clip_tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)),
+                               text_decoder=text_decoder, text_tokenizer=None, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    import tempfile
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available (use --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    dtype = checkpoints.DTYPES[args.dtype]
+    cfg = PRESETS[args.preset]
+    f = cfg.vae_decoder.downsample
+    h = w = args.size // f
+    u = cfg.uvit
+    torch.backends.cuda.matmul.allow_tf32 = False          # the fp32 reference is real fp32
+    torch.backends.cudnn.allow_tf32 = False
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "size": args.size,
+              "steps": args.steps, "argv": sys.argv[1:], "components": {}, "end_to_end": {}, "accuracy": {}}
+    if device.type == "cuda":
+        n = 1 << 28
+        a = torch.empty(n, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        report["copy_GBps"] = 2 * n / time_ms(lambda: b.copy_(a), device) / 1e6
+        del a, b
+    print(f"# {report['device']}, torch {torch.__version__}, preset {args.preset}, {args.size}x{args.size}, "
+          f"{args.steps} steps, fast path {args.dtype}", flush=True)
+
+    t0 = time.perf_counter()
+    ref, fast = build_networks(cfg, device, dtype)
+    print(f"built random {args.preset} networks in {time.perf_counter() - t0:.1f} s", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
+    tok = make_tokenizer(tmp)
+    pipe_ref = Text2Image(InMemoryBackend(ref, device, torch.float32), cfg, tok)
+    pipe_fast = Text2Image(InMemoryBackend(fast, device, dtype), cfg, tok)
+    pipe_compiled = None
+    if args.compile:
+        pipe_compiled = Text2Image(InMemoryBackend(fast, device, dtype, compile=True), cfg, tok)
+
+    gen = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    # ---- components --------------------------------------------------------------------------
+    comp = report["components"]
+    for B in args.batch_sizes:
+        prompts = [f"a photo of object number {i} on a table" for i in range(B)]
+        ids = tok(prompts).to(device)
+        rows = 2 * B
+        z, clip_img, text = rnd(rows, u.in_chans, h, w), rnd(rows, 1, u.clip_img_dim), rnd(rows, u.num_text_tokens, u.text_dim)
+        t_img = torch.rand(rows, generator=gen).to(device) * 1000
+        t_text = torch.cat([torch.zeros(B), torch.full((B,), 1000.0)]).to(device)
+        dt_ = torch.ones(rows, dtype=torch.long, device=device)
+        latent = rnd(B, u.in_chans, h, w)
+        r = comp[B] = {}
+        with torch.no_grad():
+            for tag, pipe, dt in (("fp32", pipe_ref, torch.float32), (args.dtype, pipe_fast, dtype)):
+                be = pipe.backend
+                args_uvit = (z.to(dt), clip_img.to(dt), text.to(dt), t_img, t_text, dt_)
+                run_text = lambda: be.encode_text(ids)
+                run_uvit = lambda: be.uvit(*args_uvit)
+                run_dec = lambda: be.decode(latent.to(dt))
+                if be.graph_safe:   # fixed-shape calls replay as CUDA graphs on the fast path
+                    run_uvit = graphed(run_uvit, device)
+                r[f"text_encoder_{tag}_ms"] = time_ms(run_text, device)
+                r[f"uvit_cfg_{tag}_ms"] = time_ms(run_uvit, device, repeats=10 if tag == "fp32" else 30)
+                r[f"decoder_{tag}_ms"] = time_ms(run_dec, device, repeats=5 if tag == "fp32" else 20)
+                if B == args.batch_sizes[0]:
+                    report["accuracy"].setdefault("_outputs", {})[tag] = {
+                        "text_encoder": be.encode_text(ids).float().cpu(),
+                        "uvit": torch.cat([o.float().flatten(1) for o in be.uvit(*args_uvit)], 1).cpu(),
+                        "decoder": be.decode(latent.to(dt)).float().cpu()}
+            if pipe_compiled is not None:
+                be = pipe_compiled.backend
+                args_uvit = (z.to(dtype), clip_img.to(dtype), text.to(dtype), t_img, t_text, dt_)
+                t1 = time.perf_counter()
+                be.uvit(*args_uvit)
+                sync(device)
+                r["compile_s"] = time.perf_counter() - t1
+                r[f"uvit_cfg_{args.dtype}_compiled_ms"] = time_ms(graphed(lambda: be.uvit(*args_uvit), device), device, repeats=30)
+        print(f"components B={B}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()), flush=True)
+
+    outs = report["accuracy"].pop("_outputs")
+    for name in ("text_encoder", "uvit", "decoder"):
+        report["accuracy"][name] = errors(outs[args.dtype][name], outs["fp32"][name])
+
+    # ---- end to end --------------------------------------------------------------------------
+    e2e = report["end_to_end"]
+    diff_pipe = None
+    if not args.no_diffusers and device.type == "cuda":
+        try:
+            diff_pipe = diffusers_pipeline(cfg, tmp, device, dtype)
+        except ImportError as e:
+            print(f"diffusers not measured: {e}", flush=True)
+    for B in args.batch_sizes:
+        prompts = [f"a photo of object number {i} on a table" for i in range(B)]
+        req = Request(prompts, list(range(B)), args.steps, 7.0, args.size, args.size)
+        r = e2e[B] = {}
+        impls = [(args.dtype, pipe_fast)] + ([("fp32", pipe_ref)] if B in args.fp32_e2e_batches else [])
+        if pipe_compiled is not None:
+            impls.append((f"{args.dtype}_compiled", pipe_compiled))
+        for tag, pipe in impls:
+            reps = args.repeats if tag != "fp32" else max(1, min(2, args.repeats))
+            r[f"{tag}_peak_MiB"] = peak_mb(device, lambda: pipe(req))          # also the warm-up / capture
+            r[f"{tag}_ms"] = time_ms(lambda: pipe(req), device, warmup=0, repeats=reps)
+        if diff_pipe is not None:
+            def run_diffusers():
+                diff_pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=7.0,
+                          height=args.size, width=args.size, output_type="pt")
+            r[f"diffusers_{args.dtype}_peak_MiB"] = peak_mb(device, run_diffusers)
+            r[f"diffusers_{args.dtype}_ms"] = time_ms(run_diffusers, device, warmup=0, repeats=max(1, min(3, args.repeats)))
+        for k in [k for k in r if k.endswith("_ms")]:
+            r[k.replace("_ms", "_img_per_s")] = 1000 * B / r[k]
+        print(f"end-to-end B={B}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
+
+    # ---- final image accuracy: same seed, same initial noise --------------------------------
+    req = Request(["a red cube on a blue sphere"], [42], args.steps, 7.0, args.size, args.size)
+    with torch.no_grad():
+        img_ref = decoded(pipe_ref, req)
+        img_fast = decoded(pipe_fast, req)
+    report["accuracy"]["image_[-1,1]"] = errors(img_fast, img_ref)
+    q_ref, q_fast = to_levels(img_ref), to_levels(img_fast)
+    report["accuracy"]["image_uint8_levels"] = {"max": (q_fast - q_ref).abs().max().item(),
+                                                "mean": (q_fast - q_ref).abs().float().mean().item()}
+
+    if args.profile and device.type == "cuda":
+        report["profile_uvit"] = profile_uvit(pipe_fast.backend, u, h, w, device, dtype)
+
+    print_table(report, args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    if args.chart:
+        chart(report, args)
+    return 0
+
+
+def decoded(pipe: Text2Image, req: Request) -> torch.Tensor:
+    """The final image in [-1, 1] (before uint8), from the pipeline's own sampling."""
+    z_holder = {}
+    orig = pipe.backend.decode
+
+    def keep(z):
+        out = orig(z)
+        z_holder["img"] = out.float().cpu()
+        return out
+
+    pipe.backend.decode = keep
+    try:
+        pipe(req)
+    finally:
+        pipe.backend.decode = orig
+    return z_holder["img"]
+
+
+def to_levels(img):
+    return ((img + 1) * 0.5).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.int16)
+
+
+def profile_uvit(backend, u, h, w, device, dtype) -> dict:
+    """Kernel time of one eager CFG-batched UViT call (batch 1), by kind."""
+    from torch.profiler import ProfilerActivity, profile
+    rows = 2
+    a = (torch.randn(rows, u.in_chans, h, w, device=device, dtype=dtype), torch.randn(rows, 1, u.clip_img_dim, device=device, dtype=dtype),
+         torch.randn(rows, u.num_text_tokens, u.text_dim, device=device, dtype=dtype), torch.full((rows,), 500.0, device=device),
+         torch.tensor([0.0, 1000.0], device=device), torch.ones(rows, dtype=torch.long, device=device))
+    with torch.no_grad():
+        for _ in range(3):
+            backend.uvit(*a)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            backend.uvit(*a)
+            torch.cuda.synchronize()
+    kinds = {"gemm": 0.0, "attention": 0.0, "layernorm": 0.0, "elementwise/other": 0.0}
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue
+        name, us = e.key.lower(), e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if any(s in name for s in ("gemm", "cutlass", "xmma", "sm90", "ampere_", "cublas")) and "flash" not in name:
+            kinds["gemm"] += us
+        elif any(s in name for s in ("flash", "fmha", "attention", "mem_eff")):
+            kinds["attention"] += us
+        elif "norm" in name:
+            kinds["layernorm"] += us
+        else:
+            kinds["elementwise/other"] += us
+    total = sum(kinds.values())
+    return {k: {"ms": v / 1e3, "share": v / total} for k, v in kinds.items()} | {"total_ms": total / 1e3}
+
+
+def print_table(report, args):
+    dt = args.dtype
+    print(f"\n## {report['device']} — random v1-shape weights, {args.size}x{args.size}, {args.steps} steps "
+          f"(medians, ms; speed-up vs fp32)")
+    print(f"{'component':<26}{'B':>3}{'fp32':>10}{dt:>10}{'speed-up':>10}")
+    for B, r in report["components"].items():
+        for name in ("text_encoder", "uvit_cfg", "decoder"):
+            a, b = r[f"{name}_fp32_ms"], r[f"{name}_{dt}_ms"]
+            print(f"{name:<26}{B:>3}{a:>10.2f}{b:>10.2f}{a / b:>9.1f}x")
+        if f"uvit_cfg_{dt}_compiled_ms" in r:
+            print(f"{'uvit_cfg (compiled)':<26}{B:>3}{'':>10}{r[f'uvit_cfg_{dt}_compiled_ms']:>10.2f}"
+                  f"   compile {r['compile_s']:.0f} s")
+    print(f"\n{'end to end':<14}{'B':>3}{'fp32 ms':>10}{dt + ' ms':>10}{'diffusers':>11}{'vs diff':>9}{'img/s':>8}{'peak MiB':>10}")
+    for B, r in report["end_to_end"].items():
+        f32 = r.get("fp32_ms", float("nan"))
+        d = r.get(f"diffusers_{dt}_ms", float("nan"))
+        print(f"{'':<14}{B:>3}{f32:>10.0f}{r[f'{dt}_ms']:>10.1f}{d:>11.0f}{d / r[f'{dt}_ms']:>8.1f}x"
+              f"{r[f'{dt}_img_per_s']:>8.2f}{r[f'{dt}_peak_MiB']:>10.0f}")
+        if f"{dt}_compiled_ms" in r:
+            print(f"{'  compiled':<14}{B:>3}{'':>10}{r[f'{dt}_compiled_ms']:>10.1f}")
+    print(f"\naccuracy of {dt} vs fp32 (abs: max/mean/median; rel: max/mean/median; rel L2)")
+    for name, e in report["accuracy"].items():
+        if "abs" in e:
+            a, r_ = e["abs"], e["rel"]
+            print(f"  {name:<20} abs {a['max']:.2e}/{a['mean']:.2e}/{a['median']:.2e}  "
+                  f"rel {r_['max']:.2e}/{r_['mean']:.2e}/{r_['median']:.2e}  L2 {e['rel_l2']:.2e}")
+        else:
+            print(f"  {name:<20} max {e['max']} levels, mean {e['mean']:.3f} levels")
+    if "profile_uvit" in report:
+        p = report["profile_uvit"]
+        print(f"\nfp16 UViT call, B=1 (eager kernel time {p['total_ms']:.2f} ms): " +
+              ", ".join(f"{k} {v['ms']:.2f} ms ({100 * v['share']:.0f}%)" for k, v in p.items() if k != "total_ms"))
+    if "copy_GBps" in report:
+        print(f"device copy bandwidth {report['copy_GBps']:.0f} GB/s")
+
+
+def chart(report, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dt = args.dtype
+    e2e = report["end_to_end"]
+    Bs = list(e2e)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in ((f"{dt}_ms", f"ours {dt}"), (f"diffusers_{dt}_ms", f"diffusers {dt}"), ("fp32_ms", "ours fp32 (reference)")):
+        pts = [(B, e2e[B][key]) for B in Bs if key in e2e[B]]
+        if pts:
+            ax1.plot(*zip(*[(b, v / 1e3) for b, v in pts]), "o-", label=label)
+            ax2.plot(*zip(*[(b, 1e3 * b / v) for b, v in pts]), "o-", label=label)
+    ax1.set(xlabel="batch size", ylabel="seconds per batch", title=f"end to end, {args.steps} steps, {args.size}²")
+    ax2.set(xlabel="batch size", ylabel="images / s", title=report["device"])
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.chart, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
