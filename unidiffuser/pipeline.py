@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.config import ModelConfig
 
@@ -25,23 +26,22 @@ log = logging.getLogger("unidiffuser")
 DATA_TYPE = 1   # v1's data-type flag: 1 = the cleaner internal data it was finetuned on
 
 
+# Fused attention kernels in order of preference; SDPA takes the first that supports the inputs.
+FAST_SDPA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class TorchBackend:
     """The PyTorch networks. fp32 is the reference and runs as written. fp16/bf16 on CUDA is
-    the fast path: flash attention (SDPA) at half precision, the VAE decoder in channels-last
+    the fast path: fused attention kernels at half precision, the VAE decoder in channels-last
     (cuDNN's fastest conv layout) with the fused GroupNorm+SiLU kernel when `plugin/` is built,
     optionally `torch.compile` (fuses residual + LayerNorm, bias + GELU), and `graph_safe` so the
     pipeline captures the whole sampling loop in one CUDA graph."""
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device,
-                 dtype: torch.dtype, compile: bool = False):
+    def __init__(self, nets: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.device, self.dtype = device, dtype
-        nets = {}
-        for name in checkpoints.NETWORKS:
-            net = checkpoints.build(name, cfg)
-            net.load_state_dict(checkpoints.load_network(model_dir, name, cfg, manifest))
-            nets[name] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        nets = {k: v.to(device=device, dtype=dtype).eval().requires_grad_(False) for k, v in nets.items()}
         self.text_encoder, self.uvit_net, self.vae_decoder = nets["text_encoder"], nets["uvit"], nets["vae_decoder"]
         self.graph_safe = self.fast = device.type == "cuda" and dtype != torch.float32
         if self.fast:
@@ -53,11 +53,21 @@ class TorchBackend:
             # Default inductor mode (no cudagraphs of its own: the pipeline captures the loop).
             self._uvit = torch.compile(self.uvit_net, dynamic=False)
 
+    @classmethod
+    def load(cls, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype,
+             compile: bool = False) -> "TorchBackend":
+        nets = {}
+        for name in checkpoints.NETWORKS:
+            nets[name] = checkpoints.build(name, cfg)
+            nets[name].load_state_dict(checkpoints.load_network(model_dir, name, cfg, manifest))
+        return cls(nets, device, dtype, compile)
+
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids)
 
     def uvit(self, z, clip_img, text, t_img, t_text, data_type):
-        z_out, clip_img_out, _ = self._uvit(z, clip_img, text, t_img, t_text, data_type)
+        with sdpa_kernel(FAST_SDPA, set_priority=True) if self.fast else nullcontext():
+            z_out, clip_img_out, _ = self._uvit(z, clip_img, text, t_img, t_text, data_type)
         return z_out, clip_img_out
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -84,7 +94,7 @@ def _trtllm_backend(*args, **kwargs):
     return TrtllmBackend(*args, **kwargs)
 
 
-BACKENDS: dict[str, Callable] = {"torch": TorchBackend, "trtllm": _trtllm_backend}
+BACKENDS: dict[str, Callable] = {"torch": TorchBackend.load, "trtllm": _trtllm_backend}
 
 
 @dataclass
@@ -228,7 +238,9 @@ class Text2Image:
 class _GraphedLoop:
     def __init__(self, pipe: Text2Image, x, text, text_uncond, z_shape, req: Request):
         self.x, self.text, self.text_uncond = x.clone(), text.clone(), text_uncond.clone()
-        fn = pipe.noise_fn(self.text, self.text_uncond, z_shape, req.scale)
+        # The graph reads every tensor the closure made before capture (t_text, data_type...):
+        # keep it alive as long as the graph, or replays read freed memory.
+        self.fn = fn = pipe.noise_fn(self.text, self.text_uncond, z_shape, req.scale)
         p = sampler.plan(req.steps)
         # Warm up on a side stream (cuBLAS/cuDNN handles, autotuning, compilation), then capture.
         side = torch.cuda.Stream()
