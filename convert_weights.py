@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16", help="stored dtype (default fp16)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random weights")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--trtllm", action="store_true", help="also write the TensorRT-LLM checkpoint folders "
+                   "OUT/trtllm/{text_encoder,uvit,vae_decoder} (inputs of build_*.py, docs/engines.md)")
     p.add_argument("--help-layout", action="store_true", help="print where the original files go, and exit")
     return p.parse_args(argv)
 
@@ -65,6 +67,10 @@ def main(argv=None) -> int:
         random = args.random is not None or (src / "RANDOM_WEIGHTS").is_file()
         out = checkpoints.write_converted(args.out, cfg, networks, args.dtype, src / checkpoints.CLIP_DIR,
                                           random=random, overwrite=args.overwrite)
+    if args.trtllm:
+        from unidiffuser import trtllm_checkpoint
+        for name, folder in trtllm_checkpoint.write_all(out).items():
+            log.info("wrote TensorRT-LLM checkpoint %s", folder)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({preset}, {args.dtype}, {size / 2**20:.1f} MiB{', RANDOM weights' if random else ''}) "
           f"in {time.perf_counter() - t0:.1f} s")

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Build the fp16 TensorRT-LLM engine of the VAE decoder, for one image size. GroupNorm(+SiLU)
+goes through the project's plugin when --plugin-lib is given (build it first, see
+docs/engines.md), else through TensorRT's normalization layer.
+
+    python build_decoder.py --model-dir MODEL --plugin-lib plugin/build/libunidiffuser_plugins.so
+"""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+from models.config import VAEDecoderConfig
+from unidiffuser import engine_build
+
+NET = "vae_decoder"
+
+
+def prepare(args, ckpt_config):
+    d = dict(ckpt_config["model_config"])
+    d["ch_mult"] = tuple(d["ch_mult"])
+    cfg = VAEDecoderConfig(**d)
+    if args.plugin_lib is not None and not args.plugin_lib.is_file():
+        raise FileNotFoundError(f"--plugin-lib {args.plugin_lib}: file not found (build it: "
+                                f"cmake -S plugin -B plugin/build && cmake --build plugin/build)")
+    # The default size is the UViT's trained grid times the patch size: 64x64 latents for v1.
+    return cfg, engine_build.latent_size(args, ckpt_config, ckpt_config.get("default_latent", 64))
+
+
+def build(args, ckpt_config, weights, prepared):
+    from models.trtllm.vae_decoder import VAEDecoder, load_group_norm_plugin
+    cfg, latent = prepared
+    use_plugin = False
+    if args.plugin_lib is not None:
+        use_plugin = load_group_norm_plugin(args.plugin_lib)
+        if not use_plugin:
+            raise SystemExit(f"error: {args.plugin_lib} loaded, but TensorRT has no UnidiffuserGroupNorm v1 creator")
+    engine = engine_build.build_serialized(VAEDecoder(cfg, *latent, use_plugin=use_plugin), weights,
+                                           args.max_batch_size, fused_attention=False)
+    norm = {"group_norm": "UnidiffuserGroupNorm plugin" if use_plugin else "TensorRT normalization (fp32)"}
+    if use_plugin:
+        norm["plugin_lib"] = str(args.plugin_lib)
+    return engine, args.max_batch_size, latent, norm
+
+
+if __name__ == "__main__":
+    sys.exit(engine_build.main(NET, None, SimpleNamespace(
+        parse=lambda argv: engine_build.parse_args(NET, argv, sizes=True, plugin=True), prepare=prepare, build=build)))

@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Build the fp16 TensorRT-LLM engine of the UViT, for one image size and up to
+--max-batch-size images (2x that many engine rows: the CFG batch runs as one call).
+
+    python build_uvit.py --model-dir MODEL [--max-batch-size 4] [--height 512 --width 512]
+"""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+from models.config import UViTConfig
+from unidiffuser import engine_build
+
+NET = "uvit"
+
+
+def prepare(args, ckpt_config):
+    cfg = UViTConfig(**ckpt_config["model_config"])
+    return cfg, engine_build.latent_size(args, ckpt_config, cfg.img_size)
+
+
+def build(args, ckpt_config, weights, prepared):
+    from models.trtllm.uvit import UViT, use_fused_attention
+    cfg, latent = prepared
+    fused = use_fused_attention(cfg) and not args.no_fused_attention
+    rows = 2 * args.max_batch_size
+    engine = engine_build.build_serialized(UViT(cfg, *latent), weights, rows, fused_attention=fused)
+    return engine, rows, latent, {"attention": "bert_attention plugin" if fused else "plain"}
+
+
+if __name__ == "__main__":
+    sys.exit(engine_build.main(NET, None, SimpleNamespace(
+        parse=lambda argv: engine_build.parse_args(NET, argv, sizes=True), prepare=prepare, build=build)))
