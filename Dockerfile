@@ -10,11 +10,11 @@ FROM nvcr.io/nvidia/tensorrt-llm/release:${TRTLLM_TAG}
 WORKDIR /workspace/unidiffuser
 COPY . .
 
-# Python dependencies the base image does not carry (torch and tensorrt_llm come with it; do not
-# reinstall them). openai-clip only ships CLIP's BPE file; its __init__ (torchvision) is never imported.
-RUN if [ -f requirements.txt ]; then grep -viE '^(torch|tensorrt)' requirements.txt > /tmp/req.txt \
-        && pip install --no-cache-dir -r /tmp/req.txt; \
-    else pip install --no-cache-dir safetensors transformers tqdm pillow huggingface_hub pytest; fi \
+# Python dependencies the base image does not carry. torch, numpy and tensorrt_llm come with it and
+# are pinned to each other there: keep them. openai-clip only ships CLIP's BPE file; its __init__
+# (torchvision) is never imported.
+RUN grep -viE '^(torch|numpy|tensorrt)' requirements.txt > /tmp/req.txt \
+ && pip install --no-cache-dir -r /tmp/req.txt pytest \
  && pip install --no-cache-dir --no-deps openai-clip==1.0.1
 
 # The GroupNorm(+SiLU) TensorRT plugin: plugin/ -> plugin/build/libunidiffuser_plugins.so

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from models.config import PRESETS
-from unidiffuser import checkpoints
+from unidiffuser import checkpoints, cli
 
 log = logging.getLogger("unidiffuser")
 
@@ -78,9 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        sys.exit(main())
-    except (checkpoints.CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

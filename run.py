@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from unidiffuser import checkpoints
+from unidiffuser import checkpoints, cli
 from unidiffuser.files import atomic_write, atomic_write_text
 from unidiffuser.pipeline import BACKENDS, Request, Text2Image
 
@@ -119,9 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        sys.exit(main())
-    except (checkpoints.CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)
