@@ -98,8 +98,14 @@ def build_serialized(network_module, weights_path: Path, max_rows: int, fused_at
     pc.bert_attention_plugin = "float16" if fused_attention else None
     pc.remove_input_padding = False          # padded [N, L, 3C] qkv: every row is a full sequence
     pc.context_fmha = True
-    if hasattr(pc, "context_fmha_fp32_acc"):
-        pc.context_fmha_fp32_acc = True      # fp32 accumulation in the fused attention, as the reference
+    # fp32 accumulation in the fused attention, as the reference. The field is
+    # `bert_context_fmha_fp32_acc` in the pydantic PluginConfig of TensorRT-LLM 1.x
+    # (plugin/plugin.py: context_fmha_type reads it); older releases named it `context_fmha_fp32_acc`.
+    if fused_attention:
+        if hasattr(pc, "bert_context_fmha_fp32_acc"):
+            pc.bert_context_fmha_fp32_acc = True
+        elif hasattr(pc, "context_fmha_fp32_acc"):
+            pc.context_fmha_fp32_acc = True
     pc.gemm_plugin = None                    # TensorRT's own GEMMs (fp32 accumulation via matmul's cast)
     with net_guard(network):
         network.set_named_parameters(network_module.named_parameters())
