@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.config import PRESETS
 from unidiffuser import checkpoints, sampler
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend
+from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph
 
 
 def parse_args(argv=None):
@@ -79,16 +79,21 @@ def graphed(fn, device):
     """fn captured in a CUDA graph (the fast path's way of running a fixed-shape call)."""
     if device.type != "cuda":
         return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return capture_graph(fn)[0].replay
+
+
+def unfused(backend, z):
+    """The fast decoder with torch's group_norm + silu instead of the plugin's fused kernel."""
+    from models.vae_decoder import GroupNorm
+    norms = [m for m in backend.vae_decoder.modules() if isinstance(m, GroupNorm)]
+    saved = [m.fused for m in norms]
+    for m in norms:
+        m.fused = False
+    try:
+        return backend.vae_decoder(z.contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, f in zip(norms, saved):
+            m.fused = f
 
 
 def peak_mb(device, fn) -> float:
@@ -251,6 +256,7 @@ def main(argv=None) -> int:
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         flash = graphed(lambda: be.uvit_net(*args_uvit), device)
                     r[f"uvit_cfg_{tag}_flash_attention_ms"] = time_ms(flash, device, repeats=30)
+                    r[f"decoder_{tag}_torch_groupnorm_ms"] = time_ms(lambda: unfused(be, latent.to(dt)), device, repeats=10)
                 r[f"text_encoder_{tag}_ms"] = time_ms(run_text, device)
                 r[f"uvit_cfg_{tag}_ms"] = time_ms(run_uvit, device, repeats=10 if tag == "fp32" else 30)
                 r[f"decoder_{tag}_ms"] = time_ms(run_dec, device, repeats=5 if tag == "fp32" else 20)

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(checkpoints.DTYPES), help="network precision (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="torch", help="how the networks run (default torch)")
     p.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the UViT "
-                   "(~30 s of compiling per batch size; 2%% faster on an H100, see README)")
+                   "(~35 s of compiling per batch size for ~4%% per UViT call on an H100, see README)")
     p.add_argument("--engine-dir", type=Path, help="TensorRT-LLM engine folder of --backend trtllm "
                    "(default MODEL_DIR/engines, see docs/engines.md)")
     return p.parse_args(argv)

@@ -45,12 +45,20 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    # Fast path only: bias + GELU in the fc1 GEMM's cuBLASLt epilogue, which saves a full pass
+    # over the 4x-wide hidden activations. On CUDA that epilogue computes GELU's tanh approximation
+    # (|difference| < 5e-4, under fp16's rounding at those magnitudes; bench.py reports the error).
+    fused_gelu = False
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu:
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], -1))
         return self.fc2(F.gelu(self.fc1(x)))
 
 

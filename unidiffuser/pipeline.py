@@ -32,9 +32,10 @@ FAST_SDPA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.
 
 class TorchBackend:
     """The PyTorch networks. fp32 is the reference and runs as written. fp16/bf16 on CUDA is
-    the fast path: fused attention kernels at half precision, the VAE decoder in channels-last
-    (cuDNN's fastest conv layout) with the fused GroupNorm+SiLU kernel when `plugin/` is built,
-    optionally `torch.compile` (fuses residual + LayerNorm, bias + GELU), and `graph_safe` so the
+    the fast path: fused attention kernels at half precision, bias + GELU in the MLP's GEMM
+    epilogue, the VAE decoder in channels-last (cuDNN's fastest conv layout) with the fused
+    GroupNorm+SiLU kernel when `plugin/` is built, the text encoder and decoder replayed as CUDA
+    graphs, optionally `torch.compile` (fuses residual + LayerNorm), and `graph_safe` so the
     pipeline captures the whole sampling loop in one CUDA graph."""
 
     name = "torch"
@@ -45,7 +46,8 @@ class TorchBackend:
         self.text_encoder, self.uvit_net, self.vae_decoder = nets["text_encoder"], nets["uvit"], nets["vae_decoder"]
         self.graph_safe = self.fast = device.type == "cuda" and dtype != torch.float32
         if self.fast:
-            make_fast(self.vae_decoder)
+            make_fast(self.uvit_net, self.vae_decoder)
+        self._graphs: dict[tuple, tuple] = {}
         self._uvit = self.uvit_net
         if compile:
             if device.type != "cuda":
@@ -63,6 +65,8 @@ class TorchBackend:
         return cls(nets, device, dtype, compile)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
+            return self._replay("text_encoder", self.text_encoder, input_ids)
         return self.text_encoder(input_ids)
 
     def uvit(self, z, clip_img, text, t_img, t_text, data_type):
@@ -72,15 +76,51 @@ class TorchBackend:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.fast:
-            z = z.contiguous(memory_format=torch.channels_last)
+            return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
         return self.vae_decoder(z)
 
+    def _replay(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
+        """fn(x) as a CUDA graph, captured on the first call for each input shape."""
+        key = (name, x.shape, x.dtype)
+        if key not in self._graphs:
+            static = x.clone()
+            try:
+                self._graphs[key] = (static, *capture_graph(lambda: fn(static)))
+            except RuntimeError as e:   # a network that syncs with the host cannot be captured
+                log.warning("%s runs eagerly: CUDA graph capture failed (%s)", name, e)
+                self._graphs[key] = None
+        if self._graphs[key] is None:
+            return fn(x)
+        static, graph, out = self._graphs[key]
+        static.copy_(x)
+        graph.replay()
+        return out.clone()
 
-def make_fast(vae_decoder: torch.nn.Module) -> None:
-    """Channels-last convs (cuDNN picks its fastest NHWC kernels) and the fused GroupNorm."""
+
+def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run fn once on a side stream (handles, autotuning, compilation happen there), then
+    capture it. Replaying the graph recomputes the returned tensor from fn's current inputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def make_fast(uvit: torch.nn.Module, vae_decoder: torch.nn.Module) -> None:
+    """GEMM-epilogue GELU in the UViT; channels-last convs (cuDNN picks its fastest NHWC
+    kernels) and the fused GroupNorm in the decoder."""
     from models import groupnorm
+    from models.uvit import Mlp
     from models.vae_decoder import GroupNorm
 
+    for m in uvit.modules():
+        if isinstance(m, Mlp):
+            m.fused_gelu = True
     vae_decoder.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = True
     fused = groupnorm.available()
@@ -242,15 +282,7 @@ class _GraphedLoop:
         # keep it alive as long as the graph, or replays read freed memory.
         self.fn = fn = pipe.noise_fn(self.text, self.text_uncond, z_shape, req.scale)
         p = sampler.plan(req.steps)
-        # Warm up on a side stream (cuBLAS/cuDNN handles, autotuning, compilation), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            sampler.sample(fn, self.x, p)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = sampler.sample(fn, self.x, p)
+        self.graph, self.out = capture_graph(lambda: sampler.sample(fn, self.x, p))
 
     def run(self, x, text, text_uncond) -> torch.Tensor:
         self.x.copy_(x)
