@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.config import PRESETS
-from unidiffuser import checkpoints, sampler
+from unidiffuser import checkpoints
 from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph
 
 

@@ -178,7 +178,7 @@ def main():
     print("(2p: read x + write y; 3p: plus our second read of x. torch GB/s (2p): " + ", ".join(
         f"{'x'.join(map(str, r['shape']))} NCHW {r['gbs_2pass']['torch_nchw']:.0f} CL {r['gbs_2pass']['torch_cl']:.0f}"
         for r in rows) + ")")
-    print(f"\n=== precision vs float64 reference (1x256x256x256, GroupNorm+SiLU) ===")
+    print("\n=== precision vs float64 reference (1x256x256x256, GroupNorm+SiLU) ===")
     print(f"{'data':>14} | " + " | ".join(f"{k:>22}" for k in prec[0]["errors"]))
     for p in prec:
         print(f"{p['data']:>14} | " + " | ".join(

@@ -34,7 +34,6 @@ def nets():
 @torch.no_grad()
 def test_uvit_cfg_batch(nets):
     ref, fast = nets
-    u = CFG.uvit
     g = torch.Generator().manual_seed(1)
     z, clip_img, text = (torch.randn(*s, generator=g).cuda() for s in ((4, 4, 64, 64), (4, 1, 512), (4, 77, 64)))
     t_img = torch.tensor([999.0, 500.5, 999.0, 500.5], device="cuda")
