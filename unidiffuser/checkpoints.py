@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -83,11 +83,15 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose names start with prefix (only those are read)."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        if not prefix:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -133,8 +137,11 @@ def read_text_encoder(clip_dir: Path, caption_path: Path, cfg: ModelConfig) -> d
     weights = next((clip_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (clip_dir / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{clip_dir}: no model.safetensors or pytorch_model.bin (the {CLIP_REPO} weights)")
-    full = load_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights)
-    sd = {k: v for k, v in full.items() if k.startswith("text_model.")}   # vision tower not needed
+    # The vision tower in the same file is not needed: read only text_model.*
+    if weights.suffix == ".safetensors":
+        sd = load_safetensors(weights, prefix="text_model.")
+    else:
+        sd = {k: v for k, v in load_torch_file(weights).items() if k.startswith("text_model.")}
     # Only encode_prefix of the caption decoder; DataParallel saved it as module.encode_prefix.*
     cap = load_torch_file(caption_path)
     for name in ("weight", "bias"):
