@@ -14,6 +14,7 @@ def test_clip_vision_tower_and_extras_are_ignored(tmp_path):
     sd = load_file(str(clip / "model.safetensors"))
     text_keys = set(sd)
     save_file({**sd, "vision_model.embeddings.patch_embedding.weight": torch.ones(4, 3, 2, 2),
+               "text_model.embeddings.position_ids": torch.arange(77)[None],   # saved by older exports
                "logit_scale": torch.ones(()), "text_projection.weight": torch.ones(2, 2)}, str(clip / "model.safetensors"))
     got = checkpoints.read_text_encoder(clip, tmp_path / checkpoints.CAPTION_FILE, CFG)
     assert set(got) == text_keys | {"encode_prefix.weight", "encode_prefix.bias"}

@@ -142,6 +142,8 @@ def read_text_encoder(clip_dir: Path, caption_path: Path, cfg: ModelConfig) -> d
         sd = load_safetensors(weights, prefix="text_model.")
     else:
         sd = {k: v for k, v in load_torch_file(weights).items() if k.startswith("text_model.")}
+    # Older CLIP checkpoints also saved the position_ids buffer, which transformers now rebuilds.
+    sd.pop("text_model.embeddings.position_ids", None)
     # Only encode_prefix of the caption decoder; DataParallel saved it as module.encode_prefix.*
     cap = load_torch_file(caption_path)
     for name in ("weight", "bias"):
