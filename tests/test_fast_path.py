@@ -86,3 +86,23 @@ def test_graphed_loop_equals_eager_and_tracks_fp32(nets, tmp_path):
     assert (first.int() - eager.int()).abs().float().mean() < 0.5           # uint8 levels
     reference = Text2Image(ref, CFG, tok)(req).images
     assert (first.int() - reference.int()).abs().float().mean() < 8.0
+
+
+@torch.no_grad()
+def test_graph_cache_tells_transposed_sizes_apart(nets, tmp_path):
+    """h x w and w x h latents flatten to the same state size: each must get its own graph."""
+    from unidiffuser import tokenizer
+    _, fast = nets
+    tokenizer.write_tokenizer_files(tmp_path)
+    pipe = Text2Image(fast, CFG, tokenizer.Tokenizer(tmp_path))
+    wide = Request(["a red cube"], [5], steps=3, scale=7.0, height=128, width=256)
+    tall = Request(["a red cube"], [5], steps=3, scale=7.0, height=256, width=128)
+    pipe(wide)
+    graphed = pipe(tall).images
+    fast.graph_safe = False
+    try:
+        eager = Text2Image(fast, CFG, pipe.tokenizer)(tall).images
+    finally:
+        fast.graph_safe = True
+    assert graphed.shape == (1, 256, 128, 3)
+    assert (graphed.int() - eager.int()).abs().float().mean() < 0.5

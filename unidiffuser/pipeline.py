@@ -255,7 +255,7 @@ class Text2Image:
         """The whole sampling loop as one CUDA graph: its schedule is static, its random draws
         are inputs, so after one capture per (batch, size, steps, scale) a request is three
         copies and one replay, with no host work or synchronisation between the 50 UViT calls."""
-        key = (x.shape, text.shape, req.steps, req.scale)
+        key = (tuple(z_shape), x.shape, text.shape, req.steps, req.scale)   # h x w and w x h flatten alike
         loop = self._graphs.get(key)
         if loop is None:
             loop = self._graphs[key] = _GraphedLoop(self, x, text, text_uncond, z_shape, req)
