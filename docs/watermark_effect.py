@@ -6,9 +6,9 @@ are counted.
 
     python docs/watermark_effect.py      # matplotlib (requirements-dev.txt) ships the sample photo
 """
-import matplotlib.cbook as cbook
 import numpy as np
 import PIL
+from matplotlib import cbook
 from PIL import Image, ImageDraw
 
 SCALE = 4

@@ -20,6 +20,7 @@ import gzip
 import importlib.util
 import json
 import logging
+from itertools import pairwise
 from pathlib import Path
 
 import ftfy
@@ -72,7 +73,8 @@ def bundled_bpe_path() -> Path:
 def write_tokenizer_files(out_dir: Path, bpe_path: Path | None = None) -> None:
     """Write vocab.json and merges.txt for CLIP's BPE into out_dir."""
     bpe_path = bpe_path or bundled_bpe_path()
-    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:NUM_MERGES + 1]
+    with gzip.open(bpe_path) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:NUM_MERGES + 1]
     symbols = list(_byte_symbols().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -134,7 +136,7 @@ class Tokenizer:
             return self._cache[word]
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
-            rank, pair = min((self.ranks.get(p, NUM_MERGES), p) for p in zip(parts, parts[1:]))
+            rank, pair = min((self.ranks.get(p, NUM_MERGES), p) for p in pairwise(parts))
             if rank == NUM_MERGES:
                 break
             merged, i = [], 0
@@ -148,7 +150,8 @@ class Tokenizer:
             parts = merged
         # the original maps a symbol outside the vocabulary to its unknown token, <|endoftext|>
         ids = [self.vocab.get(p, END) for p in parts]
-        self._cache[word] = ids
+        if len(self._cache) < 100_000:    # bounded: a server sees arbitrary prompts
+            self._cache[word] = ids
         return ids
 
     def encode(self, prompt: str) -> list[int]:
