@@ -91,6 +91,10 @@ def main(argv=None) -> int:
     height = pipe.cfg.default_size if args.height is None else args.height
     width = pipe.cfg.default_size if args.width is None else args.width
     random = bool(pipe.manifest.get("random_weights"))
+    weights_dtype = pipe.manifest.get("dtype")
+    if dtype == "fp32" and weights_dtype not in (None, "fp32"):
+        log.warning("--dtype fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
+                    "the reference needs a folder made by convert_weights.py --dtype fp32", weights_dtype)
 
     index = 0
     for prompt in prompts:
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
                 "prompt": prompt, "seed": seed, "steps": args.steps, "scale": args.scale,
                 "height": height, "width": width, "batch": args.n_samples,
                 "backend": args.backend, "dtype": dtype, "device": str(args.device),
-                "model_dir": str(args.model_dir), "random_weights": random,
+                "model_dir": str(args.model_dir), "random_weights": random, "weights_dtype": weights_dtype,
                 "time_per_stage_s": {k: round(v, 4) for k, v in result.timings_s.items()},
             }
             atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")

@@ -41,6 +41,8 @@ def test_end_to_end_writes_pngs_and_sidecars(converted, tmp_path):
             "--model-dir", model, "--steps", "3", "--height", "128", "--width", "128", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr
+    # the fixture's folder is fp16 (convert_weights.py's default), run here in fp32
+    assert r.stderr.count("not the fp32 reference") == 1 and "convert_weights.py --dtype fp32" in r.stderr
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 4
     for png in pngs:
@@ -49,6 +51,7 @@ def test_end_to_end_writes_pngs_and_sidecars(converted, tmp_path):
         side = json.loads(png.with_suffix(".json").read_text())
         assert side["steps"] == 3 and side["scale"] == 7.0 and side["backend"] == "torch"
         assert side["dtype"] == "fp32" and side["device"] == "cpu" and side["random_weights"] is True
+        assert side["weights_dtype"] == "fp16"
         assert set(side["time_per_stage_s"]) == {"encode_s", "sample_s", "decode_s"}
     seeds = sorted(json.loads(p.with_suffix(".json").read_text())["seed"] for p in pngs)
     assert seeds == [1234, 1235, 1236, 1237]
