@@ -158,9 +158,9 @@ def main(net: str, argv, build_fn) -> int:
     t0 = time.perf_counter()
     try:
         engine, max_rows, latent, plugins = build_fn.build(args, ckpt_config, weights, prepared)
-    except EngineError as e:
+    except ValueError as e:   # EngineError: TensorRT failed (1); else an input unusable here, e.g. --plugin-lib (2)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, EngineError) else 2
     dt = time.perf_counter() - t0
     import tensorrt as trt
     versions = {"tensorrt_llm_version": trtllm.__version__, "tensorrt_version": trt.__version__}
