@@ -1,6 +1,8 @@
-# UniDiffuser-v1 with the TensorRT-LLM engine path. Base: NVIDIA's TensorRT-LLM release image
-# (tags nvcr.io/nvidia/tensorrt-llm/release:x.y.z, see the TensorRT-LLM docs, "Pre-built release
-# container images on NGC"), which has CUDA, TensorRT (headers and libraries), PyTorch and tensorrt_llm.
+# UniDiffuser-v1 with the TensorRT-LLM engine path. Base: NVIDIA's TensorRT-LLM release image,
+# nvcr.io/nvidia/tensorrt-llm/release:<tensorrt_llm version> (TensorRT-LLM's
+# docs/source/installation/containers.md, "Pre-built Images on NGC"), here the 1.2 release, 1.2.0.
+# It has CUDA, nvcc, TensorRT (headers and libraries under /usr/local/tensorrt), PyTorch and
+# tensorrt_llm.
 #
 #   docker build -t unidiffuser-trt .
 #   docker run --gpus all --rm -it -v $PWD/model:/workspace/unidiffuser/model unidiffuser-trt
@@ -10,17 +12,21 @@ FROM nvcr.io/nvidia/tensorrt-llm/release:${TRTLLM_TAG}
 WORKDIR /workspace/unidiffuser
 COPY . .
 
-# Python dependencies the base image does not carry. torch, numpy and tensorrt_llm come with it and
-# are pinned to each other there: keep them. openai-clip only ships CLIP's BPE file; its __init__
+# Keep the image's Python packages: tensorrt_llm imports parts of transformers at import time and
+# pins it (4.5x), with its tokenizers, huggingface_hub, pillow, numpy<2, torch and tensorrt. The
+# project also runs with those (CI runs the CPU suite under requirements-compat.txt). Every
+# installed package is a constraint, so pip only adds what is missing and fails instead of
+# up- or downgrading anything. openai-clip only ships CLIP's BPE file; its __init__
 # (torchvision) is never imported.
-RUN grep -viE '^(torch|numpy|tensorrt)' requirements.txt > /tmp/req.txt \
- && pip install --no-cache-dir -r /tmp/req.txt pytest \
+RUN pip list --format=freeze | grep -E '^[A-Za-z0-9_.-]+==' > /tmp/image-packages.txt \
+ && pip install --no-cache-dir -c /tmp/image-packages.txt safetensors tqdm pytest \
  && pip install --no-cache-dir --no-deps openai-clip==1.0.1
 
-# The GroupNorm(+SiLU) TensorRT plugin: plugin/ -> plugin/build/libunidiffuser_plugins.so
-# (TensorRT headers are in the image; CMake finds them under /usr/include/x86_64-linux-gnu or
-# TENSORRT_ROOT).
-RUN cmake -S plugin -B plugin/build -DCMAKE_BUILD_TYPE=Release \
+# The GroupNorm(+SiLU) library and TensorRT plugin: plugin/ -> plugin/build/libunidiffuser_plugins.so,
+# for every GPU generation (see plugin/README.md). WITH_TENSORRT=ON: a TensorRT that CMake cannot
+# find (it looks in /usr/local/tensorrt, TENSORRT_ROOT, /usr/include/<arch>-linux-gnu) fails the
+# build here instead of producing a library without the TensorRT plugin.
+RUN cmake -S plugin -B plugin/build -DCMAKE_BUILD_TYPE=Release -DWITH_TENSORRT=ON \
  && cmake --build plugin/build -j"$(nproc)"
 
 ENV PYTHONPATH=/workspace/unidiffuser

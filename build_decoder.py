@@ -39,7 +39,7 @@ def build(args, ckpt_config, weights, prepared):
                                            args.max_batch_size, fused_attention=False)
     norm = {"group_norm": "UnidiffuserGroupNorm plugin" if use_plugin else "TensorRT normalization (fp32)"}
     if use_plugin:
-        norm["plugin_lib"] = str(args.plugin_lib)
+        norm["plugin_lib"] = str(args.plugin_lib.resolve())   # the runtime may run from another folder
     return engine, args.max_batch_size, latent, norm
 
 

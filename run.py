@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     prompts = read_prompts(args)
     if args.n_samples < 1:
         raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
+    if args.backend == "trtllm":   # before the device check: names the missing engine's build script anywhere
+        from unidiffuser.trtllm_backend import check_engine_files
+        check_engine_files(args.engine_dir or args.model_dir / "engines")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")

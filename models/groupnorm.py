@@ -57,6 +57,8 @@ def _load() -> Optional[ctypes.CDLL]:
         run = lib.unidiffuser_group_norm
         ws = lib.unidiffuser_group_norm_workspace_size
         err = lib.unidiffuser_group_norm_error_string
+        check = lib.unidiffuser_group_norm_device_check
+        archs = lib.unidiffuser_plugins_cuda_archs
     except (OSError, AttributeError) as e:
         _why_not = f"cannot load {path}: {e} (rebuild it: {BUILD_CMD})"
         return None
@@ -68,8 +70,27 @@ def _load() -> Optional[ctypes.CDLL]:
     ws.restype = c_size
     err.argtypes = []
     err.restype = ctypes.c_char_p
+    check.argtypes = [c_int, ctypes.POINTER(c_int), ctypes.POINTER(c_int)]
+    check.restype = c_int
+    archs.argtypes = []
+    archs.restype = ctypes.c_char_p
+    _why_not = _device_check(lib, torch.cuda.current_device(), path)
+    if _why_not:
+        return None
     _lib = lib
     return _lib
+
+
+def _device_check(lib: ctypes.CDLL, device: int, path: Path) -> str:
+    """'' when the library has a kernel this GPU can run (SASS for its architecture, or PTX the
+    driver compiles), else the reason, naming the build option that adds it."""
+    binary, ptx = ctypes.c_int(0), ctypes.c_int(0)
+    if lib.unidiffuser_group_norm_device_check(device, ctypes.byref(binary), ctypes.byref(ptx)) == 0:
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    built = lib.unidiffuser_plugins_cuda_archs().decode(errors="replace")
+    return (f"{path} has no kernel for this GPU (sm_{major}{minor}; built for {built}); rebuild it with "
+            f"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}-real, or with the default targets")
 
 
 def available() -> bool:

@@ -91,6 +91,7 @@ def build_serialized(network_module, weights_path: Path, max_rows: int, fused_at
     from models.trtllm.common import load_weights
 
     load_weights(network_module, load_file(str(weights_path)))
+    name = type(network_module).__name__
     builder = Builder()
     builder_config = builder.create_builder_config(precision="float16", strongly_typed=True)
     network = builder.create_network()
@@ -110,9 +111,14 @@ def build_serialized(network_module, weights_path: Path, max_rows: int, fused_at
     with net_guard(network):
         network.set_named_parameters(network_module.named_parameters())
         network_module(**network_module.prepare_inputs(max_rows))
-    engine = builder.build_engine(network, builder_config)
-    if engine is None:
-        raise RuntimeError("TensorRT returned no engine; see the log above")
+    # Builder.build_engine asserts the serialized network is not None ('Engine building failed,
+    # please check the error log.') and raises RuntimeError when a weight cannot be set.
+    try:
+        engine = builder.build_engine(network, builder_config)
+    except (AssertionError, RuntimeError) as e:
+        raise EngineError(f"TensorRT could not build the {name} engine ({e}); see the TensorRT log above") from None
+    if engine is None:   # only reachable under python -O, which strips that assert
+        raise EngineError(f"TensorRT could not build the {name} engine; see the TensorRT log above")
     return engine
 
 
@@ -150,7 +156,11 @@ def main(net: str, argv, build_fn) -> int:
         return 2
     trtllm = import_tensorrt_llm()
     t0 = time.perf_counter()
-    engine, max_rows, latent, plugins = build_fn.build(args, ckpt_config, weights, prepared)
+    try:
+        engine, max_rows, latent, plugins = build_fn.build(args, ckpt_config, weights, prepared)
+    except ValueError as e:   # EngineError: TensorRT failed (1); else an input unusable here, e.g. --plugin-lib (2)
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, EngineError) else 2
     dt = time.perf_counter() - t0
     import tensorrt as trt
     versions = {"tensorrt_llm_version": trtllm.__version__, "tensorrt_version": trt.__version__}

@@ -3,9 +3,11 @@
 Same interface as pipeline.TorchBackend; tokenizer, noise, sampler and CFG stay in the shared
 pipeline (torch, on the GPU). Engines run through tensorrt_llm.runtime.Session
 (tensorrt_llm/runtime/session.py: from_serialized_engine, infer_shapes(TensorInfo), run(inputs,
-outputs, stream)). The UViT call, 50 per image, is replayed from a CUDA graph per batch size:
-enqueueV3 only launches work on the stream (no host sync), so it can be captured once the
-input shapes are set and one warm-up run has happened.
+outputs, stream, context)). The UViT call, 50 per image, is replayed from a CUDA graph per input
+shape: enqueueV3 only launches work on the stream (no host sync), so it can be captured once the
+input shapes are set and one warm-up run has happened. Each captured shape has its own execution
+context, because a context reconfigures its plugins whenever its shapes change, and a graph
+must replay against the configuration it was captured with.
 
 tensorrt_llm is imported in TrtllmBackend.__init__ only: the engine-folder contract checks
 (engine_build.check_engine_config) run, and are tested, without it.
@@ -20,7 +22,8 @@ import torch
 
 from models.config import ModelConfig
 
-from .engine_build import (NO_TRTLLM, EngineError, check_engine_config, check_source, read_engine_config)
+from .engine_build import (NO_TRTLLM, SCRIPTS, EngineError, check_engine_config, check_source,
+                           read_engine_config)
 
 log = logging.getLogger("unidiffuser")
 
@@ -39,66 +42,130 @@ def check_engines(engine_dir: Path, cfg: ModelConfig, manifest: dict, dtype: tor
     return configs
 
 
+def check_engine_files(engine_dir: Path) -> None:
+    """The three engine files and their config.json are there (no model config, CUDA or
+    TensorRT needed): run.py calls this before its device checks, so a missing engine is
+    reported, with the script that builds it, on any machine."""
+    for net in ("text_encoder", "uvit", "vae_decoder"):
+        read_engine_config(engine_dir, net)
+
+
+def replay_matches(graph_out: dict[str, torch.Tensor], eager_out: dict[str, torch.Tensor], tol: float = 1e-3) -> bool:
+    """A graph replay reproduces the eager run: every output within `tol` of the eager one,
+    relative to its RMS (the same engine and inputs, so in practice bit-identical)."""
+    for name, want in eager_out.items():
+        got = graph_out.get(name)
+        if got is None or got.shape != want.shape:
+            return False
+        a, b = got.float(), want.float()
+        if not torch.isfinite(a).all() or (a - b).norm() > tol * b.norm().clamp_min(1e-6):
+            return False
+    return True
+
+
+class _Graph:
+    """One captured shape: its own execution context (TensorRT plugins are configured per
+    context for its shapes), static input/output buffers and the CUDA graph."""
+
+    def __init__(self, graph, context, static_in, static_out):
+        self.graph, self.context, self.static_in, self.static_out = graph, context, static_in, static_out
+        self.verified = False
+
+
+_EAGER = object()   # graphs[key] for a shape that runs eagerly (capture failed or replay mismatched)
+
+
 class _Engine:
-    """One engine, its Session, and the output buffers of the last shapes it ran."""
+    """One engine, its Session, and one CUDA graph per input shape.
+
+    tensorrt_llm/runtime/session.py: infer_shapes(infos, context) raises (ValueError for a wrong
+    tensor/dtype, RuntimeError "Could not set shape" outside the profile); run(inputs, outputs,
+    stream, context) returns execute_async_v3's bool. Session.context is the default context;
+    more come from session.engine.create_execution_context(), set to profile 0 as Session._init
+    does."""
 
     def __init__(self, path: Path, name: str):
         from tensorrt_llm.runtime.session import Session
         self.name = name
         self.session = Session.from_serialized_engine(Path(path).read_bytes())
-        self.graphs: dict[tuple, tuple] = {}
+        self.graphs: dict[tuple, object] = {}
 
-    def _outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _outputs(self, inputs: dict[str, torch.Tensor], context=None) -> dict[str, torch.Tensor]:
         import tensorrt as trt
         from tensorrt_llm._utils import trt_dtype_to_torch
         from tensorrt_llm.runtime.session import TensorInfo
         to_trt = {torch.float16: trt.float16, torch.float32: trt.float32, torch.int32: trt.int32}  # as Session._debug_run
         infos = [TensorInfo(k, to_trt[v.dtype], tuple(v.shape)) for k, v in inputs.items()]
-        out = self.session.infer_shapes(infos)
-        if out is None:
-            raise EngineError(f"{self.name}: the engine rejected input shapes {[i.shape for i in infos]}")
+        try:
+            out = self.session.infer_shapes(infos, context=context)
+        except (RuntimeError, ValueError) as e:
+            raise EngineError(f"{self.name}: the engine rejected inputs {[(i.name, i.shape) for i in infos]} ({e}); "
+                              f"rebuild it with: python {SCRIPTS[self.name]}") from None
         return {o.name: torch.empty(tuple(o.shape), dtype=trt_dtype_to_torch(o.dtype), device="cuda") for o in out}
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eager run on the session's default context."""
         inputs = {k: v.contiguous() for k, v in inputs.items()}
         outputs = self._outputs(inputs)
         stream = torch.cuda.current_stream()
         if not self.session.run(inputs, outputs, stream.cuda_stream):
-            raise RuntimeError(f"{self.name}: TensorRT enqueue failed")
+            raise EngineError(f"{self.name}: TensorRT could not enqueue the engine (see the TensorRT log above)")
         return outputs
 
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> _Graph | None:
+        """A new context for this shape, one warm-up run, then the capture; None (logged) if
+        any step fails, and the shape then runs eagerly."""
+        context = self.session.engine.create_execution_context()
+        if context is None:
+            log.warning("%s: no execution context for a CUDA graph (out of memory?); running without graphs", self.name)
+            return None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                context.set_optimization_profile_async(0, stream.cuda_stream)
+                static_in = {k: v.clone().contiguous() for k, v in inputs.items()}
+                static_out = self._outputs(static_in, context)
+                # Warm-up after the shapes are set: plugins configure and allocate here, not in the graph.
+                if not self.session.run(static_in, static_out, stream.cuda_stream, context=context):
+                    log.warning("%s: TensorRT enqueue failed before CUDA graph capture; running without graphs", self.name)
+                    return None
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    ok = self.session.run(static_in, static_out, stream.cuda_stream, context=context)
+                if not ok:   # the graph would replay stale outputs
+                    log.warning("%s: TensorRT enqueue failed during CUDA graph capture; running without graphs", self.name)
+                    return None
+        except RuntimeError as e:
+            log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.name, e)
+            return None
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+        return _Graph(graph, context, static_in, static_out)
+
     def graphed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Static input/output buffers per shape, filled and replayed; falls back to eager
-        execution (logged once) if capture fails."""
+        """Replay this shape's CUDA graph (captured on first use). The first replay is checked
+        against an eager run; a failed capture or a mismatch makes the shape eager, logged once.
+        The returned buffers are the graph's: overwritten by the next call of the same shape."""
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         entry = self.graphs.get(key)
         if entry is None:
-            static_in = {k: v.clone().contiguous() for k, v in inputs.items()}
-            static_out = self._outputs(static_in)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            graph = None
-            with torch.cuda.stream(stream):
-                self.session.run(static_in, static_out, stream.cuda_stream)    # warm-up after set-shape
-                stream.synchronize()
-                try:
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, stream=stream):
-                        self.session.run(static_in, static_out, stream.cuda_stream)
-                    graph = g
-                except RuntimeError as e:
-                    log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.name, e)
-            torch.cuda.current_stream().wait_stream(stream)
-            entry = self.graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = entry
-        if graph is None:
+            entry = self.graphs[key] = self._capture(inputs) or _EAGER
+        if entry is _EAGER:
             return self(inputs)
         for k, v in inputs.items():
-            static_in[k].copy_(v)
-        # The replay uses the captured pointers and the context's scratch memory, whatever shapes
-        # the context was set to since: one context, calls serialized on one stream.
-        graph.replay()
-        return static_out
+            entry.static_in[k].copy_(v)
+        entry.graph.replay()
+        if not entry.verified:
+            eager = self(inputs)
+            if not replay_matches(entry.static_out, eager):
+                log.warning("%s: the CUDA graph's first replay differs from an eager run; running without graphs "
+                            "for inputs %s", self.name, [(k, s) for k, s, _ in key])
+                self.graphs[key] = _EAGER
+                return eager
+            entry.verified = True
+        return entry.static_out
 
 
 class TrtllmBackend:
@@ -106,10 +173,11 @@ class TrtllmBackend:
 
     def __init__(self, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device,
                  dtype: torch.dtype, engine_dir: Path | None = None):
-        if device.type != "cuda":
-            raise EngineError(f"--backend trtllm needs a CUDA device (got --device {device})")
+        # The engine folder first: its errors name the build step, useful on any machine.
         self.engine_dir = Path(engine_dir) if engine_dir is not None else Path(model_dir) / "engines"
         self.configs = check_engines(self.engine_dir, cfg, manifest, dtype)
+        if device.type != "cuda":
+            raise EngineError(f"--backend trtllm needs a CUDA device (got --device {device})")
         try:
             import tensorrt_llm  # noqa: F401  (also registers TensorRT-LLM's own plugins)
         except ImportError as e:

@@ -29,6 +29,10 @@ DTYPE = "float16"
 ARCHITECTURES = {"text_encoder": "UnidiffuserCLIPTextEncoder", "uvit": "UnidiffuserUViT",
                  "vae_decoder": "UnidiffuserVAEDecoder"}
 WEIGHTS_FILE, CONFIG_FILE = "rank0.safetensors", "config.json"
+# The UViT MLP's activation as computed: exact (erf) GELU, F.gelu in models/uvit.py and
+# trt.ActivationType.GELU_ERF in models/trtllm/common.py. Not "gelu": in TensorRT-LLM's
+# functional.py, gelu() and ACT2FN["gelu"] are the tanh approximation.
+UVIT_HIDDEN_ACT = "gelu_erf"
 CONVERT_HINT = "make it with: python convert_weights.py ... --trtllm (or unidiffuser.trtllm_checkpoint.write_all)"
 
 
@@ -50,7 +54,7 @@ def network_fields(name: str, cfg: ModelConfig) -> dict:
     if name == "uvit":
         c = cfg.uvit
         return {"hidden_size": c.embed_dim, "num_attention_heads": c.num_heads, "num_hidden_layers": c.depth,
-                "hidden_act": "gelu", "norm_epsilon": 1e-5, "latent_factor": cfg.vae_decoder.downsample,
+                "hidden_act": UVIT_HIDDEN_ACT, "norm_epsilon": 1e-5, "latent_factor": cfg.vae_decoder.downsample,
                 "model_config": cfg.to_dict()["uvit"]}
     c = cfg.vae_decoder
     return {"num_groups": c.num_groups, "norm_epsilon": c.eps, "latent_factor": c.downsample,

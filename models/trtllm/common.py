@@ -35,7 +35,9 @@ class LayerNorm(Module):
 
 
 def gelu_erf(x: Tensor) -> Tensor:
-    # functional.gelu is the tanh approximation; the UViT (F.gelu) uses the exact erf form.
+    # functional.gelu is the tanh approximation (and ACT2FN's "gelu" maps to it); the UViT
+    # (F.gelu) uses the exact erf form. The checkpoint config names it "gelu_erf"
+    # (trtllm_checkpoint.UVIT_HIDDEN_ACT), after trt.ActivationType.GELU_ERF.
     return activation(x, trt.ActivationType.GELU_ERF)
 
 
@@ -68,8 +70,10 @@ def causal_mask(length: int) -> Tensor:
 
 def batch_input(name: str, dtype, static_shape: list[int], dim_names: list[str], max_batch: int) -> Tensor:
     """A network input whose first dim is the (dynamic) batch, 1..max_batch; the rest static.
-    Dimension ranges as in tensorrt_llm/functional.py Tensor(dim_range=...) / DiT.prepare_inputs."""
-    opt = max(1, (max_batch + 1) // 2)
+    Dimension ranges as in tensorrt_llm/functional.py Tensor(dim_range=...) / DiT.prepare_inputs.
+    TensorRT tunes its tactics for the profile's opt shape: max_batch, the rows a full request
+    runs at (for the UViT that is 2 x images, both CFG halves in one call, 50 times per image)."""
+    opt = max_batch
     dims = OrderedDict([("batch_size", [[1, opt, max_batch]])])
     for n, s in zip(dim_names, static_shape):
         dims[n] = [[s, s, s]]

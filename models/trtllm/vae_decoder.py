@@ -41,7 +41,16 @@ def load_group_norm_plugin(lib: Path) -> bool:
     if not lib.is_file():
         raise FileNotFoundError(f"--plugin-lib {lib}: file not found (build it: cmake -S plugin -B plugin/build "
                                 f"&& cmake --build plugin/build)")
-    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    # The engine will run the plugin on this GPU: its kernels must be built for it.
+    if hasattr(handle, "unidiffuser_group_norm_device_check"):
+        import torch
+
+        from models.groupnorm import _device_check
+        handle.unidiffuser_plugins_cuda_archs.restype = ctypes.c_char_p
+        why = _device_check(handle, torch.cuda.current_device(), lib)
+        if why:
+            raise ValueError(f"--plugin-lib {why}")
     registry = trt.get_plugin_registry()
     if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
         registry.load_library(str(lib))

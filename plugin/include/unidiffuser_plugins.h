@@ -38,6 +38,17 @@ int unidiffuser_group_norm_strided(const void* x, const void* gamma, const void*
 // Human-readable reason for this thread's last failed call ("" if none).
 const char* unidiffuser_group_norm_error_string(void);
 
+// Whether this build has a kernel the given device can run: 0, with the SASS version the driver
+// picked (e.g. 86, or 0 if it JIT-compiled PTX) and the PTX version of the image in
+// *binary_version / *ptx_version (either may be NULL); otherwise the cudaError_t code
+// (cudaErrorNoKernelImageForDevice, or cudaErrorInvalidDevice for a bad index) and the error
+// string says why. Loads the library's module on that device; do it once before graph capture.
+int unidiffuser_group_norm_device_check(int device, int* binary_version, int* ptx_version);
+
+// The CUDA targets this library was compiled for, as CMake's CUDA_ARCHITECTURES ("80-real 86-real
+// ... 120-virtual").
+const char* unidiffuser_plugins_cuda_archs(void);
+
 #ifdef __cplusplus
 }
 #endif

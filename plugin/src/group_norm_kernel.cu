@@ -603,3 +603,39 @@ extern "C" const char* unidiffuser_group_norm_error_string(void)
 {
     return tErr;
 }
+
+#ifndef UNIDIFFUSER_CUDA_ARCHS
+#define UNIDIFFUSER_CUDA_ARCHS "unknown"
+#endif
+
+extern "C" const char* unidiffuser_plugins_cuda_archs(void)
+{
+    return UNIDIFFUSER_CUDA_ARCHS;
+}
+
+extern "C" int unidiffuser_group_norm_device_check(int device, int* binary_version, int* ptx_version)
+{
+    tErr[0] = '\0';
+    int prev = -1;
+    if (cudaGetDevice(&prev) != cudaSuccess)
+        prev = -1;
+    cudaError_t e = cudaSetDevice(device);
+    cudaFuncAttributes attr{};
+    // Loads the module for this device: fails when it holds neither SASS this GPU runs nor PTX the
+    // driver can compile for it. Every kernel of the library is built for the same targets.
+    if (e == cudaSuccess)
+        e = cudaFuncGetAttributes(&attr, finalize<__half>);
+    if (prev >= 0 && prev != device)
+        cudaSetDevice(prev);
+    if (e != cudaSuccess)
+    {
+        cudaGetLastError(); // not sticky: clear it so later calls start clean
+        return fail(e, "device %d cannot run this build's kernels (built for %s): %s", device, UNIDIFFUSER_CUDA_ARCHS,
+            cudaGetErrorString(e));
+    }
+    if (binary_version)
+        *binary_version = attr.binaryVersion;
+    if (ptx_version)
+        *ptx_version = attr.ptxVersion;
+    return 0;
+}
