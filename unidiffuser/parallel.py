@@ -13,9 +13,9 @@ Policy, all decided here:
   a node with an odd number of ranks runs its last rank **solo**, without CFG parallelism; without
   guidance (`--scale 0`) there is nothing to split and every rank is solo;
 - the images, in the order a single process generates them (prompt by prompt, sample by sample),
-  are cut into contiguous chunks, one per pair or solo rank, in proportion to its GPUs (a pair
-  gets twice a solo rank's share: it runs each image at about twice one GPU's speed); the
-  boundaries round to nearest, so one image goes to a pair rather than to a solo rank;
+  are cut into contiguous chunks, one per pair or solo rank (pairs first, each in rank order), in
+  proportion to its GPUs: a pair gets twice a solo rank's share, as it runs each image at about
+  twice one GPU's speed; boundaries round to nearest, so a lone image goes to a pair;
 - each chunk runs in batches of at most `--n-samples` images (the batch a single process uses);
 - an image is written once, by the first rank of its pair (or its solo rank), under the name a
   single process gives it.
@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence, TypeVar
 
@@ -38,20 +41,17 @@ DEFAULT_TIMEOUT_S = 300.0     # longer than any rank's model loading or graph ca
 
 T = TypeVar("T")
 
-# torch >= 2.13 renames all_gather_into_tensor (same semantics, the old name warns)
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 
 def plan_units(nodes: Sequence[Hashable], cfg: bool = True) -> list[tuple[int, ...]]:
     """Group ranks (nodes[r] = the node of rank r) into CFG pairs (cond, uncond) of consecutive
     ranks on one node, and solo ranks (r,): a node's leftover rank, or every rank without CFG.
-    Ordered by first rank."""
+    Pairs first, then solo ranks, each by rank: the order in which they take images."""
     units: list[tuple[int, ...]] = []
     for node in dict.fromkeys(nodes):
         ranks = [r for r, n in enumerate(nodes) if n == node]
         step = 2 if cfg else 1
         units += [tuple(ranks[i:i + step]) for i in range(0, len(ranks), step)]
-    return sorted(units)
+    return sorted(units, key=lambda u: (-len(u), u))
 
 
 def split(n: int, units: Sequence[tuple[int, ...]]) -> list[range]:
@@ -74,8 +74,10 @@ class CfgPair:
         """[rows, ...] of this rank -> [2 * rows, ...]: cond rows then uncond rows. One collective;
         graph-safe on NCCL (the pipeline captures it with the sampling loop)."""
         full = out.new_empty((2 * out.shape[0], *out.shape[1:]))
+        # torch >= 2.13 renames all_gather_into_tensor (same semantics; the old name warns)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         try:
-            _all_gather(full, out.contiguous(), group=self.group)
+            all_gather(full, out.contiguous(), group=self.group)
         except RuntimeError as e:    # DistBackendError etc.: the partner died or timed out
             raise RuntimeError(f"rank {self.rank}: exchange with CFG partner rank {self.partner} failed "
                                f"(did it stop? its own error is above): {e}") from e
@@ -156,6 +158,10 @@ def init_from_env(device: str | torch.device, cfg: bool = True) -> Layout:
     else:
         raise ValueError(f"--device {device}: expected cuda or cpu")
     timeout = datetime.timedelta(seconds=timeout_s())
+    if threading.current_thread() is threading.main_thread():
+        # When one rank fails, torchrun stops the others with SIGTERM: leave through Python, so
+        # that a file being written is removed rather than left half-written.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     dist.init_process_group(backend, timeout=timeout)
     # Which node each rank is on: torchrun's node rank, or the host name outside torchrun.
     nodes: list = [None] * world
