@@ -8,7 +8,7 @@ two outputs (B x 16.9 K numbers at 512x512), and both ranks take the identical g
 Several pairs (and solo ranks) split the images data-parallel.
 
 Policy, all decided here:
-- pairs are formed from consecutive ranks on the same node (torchrun numbers a node's ranks
+- pairs are formed from consecutive ranks of the same node, never across nodes (torchrun numbers a node's ranks
   consecutively, so with an even `--nproc-per-node` rank 2k is conditional, 2k+1 unconditional);
   a node with an odd number of ranks runs its last rank **solo**, without CFG parallelism; without
   guidance (`--scale 0`) there is nothing to split and every rank is solo;
@@ -21,6 +21,15 @@ Policy, all decided here:
   single process gives it.
 
 World size 1 (no torchrun) is the single process: no process group, no exchange.
+
+Use (as run.py does; the Python API the same way):
+
+    layout = parallel.init_from_env("cuda", cfg=scale != 0)     # once per process
+    pipe = Text2Image.from_dir(model_dir, layout.device, "fp16", cfg_pair=layout.cfg_pair)
+    for batch in layout.batches(images, n_samples):              # both ranks of a pair: the same
+        result = pipe(Request(...batch...))
+        if layout.writer: ...write the batch's images...
+    layout.close()
 """
 from __future__ import annotations
 
