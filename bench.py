@@ -468,7 +468,11 @@ def cfg_parallel_main(args) -> int:
     import torch.distributed as dist
 
     from unidiffuser import parallel
-    layout = parallel.init_from_env(args.device)
+    try:
+        layout = parallel.init_from_env(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if layout.cfg_pair is None or layout.world_size != 2:
         print("error: --cfg-parallel runs as one CFG pair: torchrun --nproc-per-node 2 bench.py --cfg-parallel ...",
               file=sys.stderr)

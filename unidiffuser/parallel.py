@@ -155,6 +155,8 @@ def init_from_env(device: str | torch.device, cfg: bool = True) -> Layout:
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; give --device cuda")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here (use --device cpu)")
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"--device cuda: rank {rank} has LOCAL_RANK {local_rank} but this node has "
                              f"{torch.cuda.device_count()} CUDA device(s); give torchrun --nproc-per-node "
