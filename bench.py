@@ -9,6 +9,7 @@ component and for the final image from the same seed and initial noise.
 
     python bench.py --json bench.json --chart bench.png            # on a CUDA GPU
     python bench.py --preset tiny --device cpu --batch-sizes 1 --repeats 1 --steps 3   # smoke test
+    torchrun --nproc-per-node 2 bench.py --cfg-parallel --batch-sizes 1 --json cfg.json  # 1 vs 2 GPUs
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="split one fp16 UViT call into GEMM / attention / rest")
     p.add_argument("--json", type=Path, help="write all numbers here")
     p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("--cfg-parallel", action="store_true", help="under torchrun --nproc-per-node 2: end to end "
+                   "on one GPU against a CFG pair of two, and the per-step exchange (see cfg_parallel_main)")
     return p.parse_args(argv)
 
 
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
     import tempfile
     args = parse_args(argv)
     faulthandler.enable()          # a crash inside a native library still names the Python line
+    if args.cfg_parallel:
+        return cfg_parallel_main(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available (use --device cpu for a smoke test)", file=sys.stderr)
@@ -448,6 +453,87 @@ def chart(report, args):
         ax.legend()
     fig.tight_layout()
     fig.savefig(args.chart, dpi=120)
+
+
+# -- CFG parallelism: one GPU against a CFG pair of two ------------------------------------------
+
+def cfg_parallel_main(args) -> int:
+    """Under `torchrun --nproc-per-node 2`: per batch size, end to end on one GPU (rank 0 alone,
+    rank 1 waiting) and on the CFG pair (rank 0 conditional rows, rank 1 unconditional), in one
+    run with the same random weights; the UViT call on 2B rows (one GPU) and on B rows (each
+    rank of a pair); the pair's per-step all-gather alone, eager and captured as a graph of
+    `--steps` exchanges (the way the sampling loop runs it). Rank 0 prints and writes --json."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from unidiffuser import parallel
+    try:
+        layout = parallel.init_from_env(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if layout.cfg_pair is None or layout.world_size != 2:
+        print("error: --cfg-parallel runs as one CFG pair: torchrun --nproc-per-node 2 bench.py --cfg-parallel ...",
+              file=sys.stderr)
+        return 2
+    device, rank, pair_half = layout.device, layout.rank, layout.cfg_pair
+    dtype = checkpoints.DTYPES[args.dtype] if device.type == "cuda" else torch.float32   # CPU: a smoke test
+    cfg = PRESETS[args.preset]
+    u, f = cfg.uvit, cfg.vae_decoder.downsample
+    h = w = args.size // f
+    g = torch.Generator().manual_seed(0)                       # the same weights on both ranks
+    nets = {n: checkpoints.randomize_(checkpoints.build(n, cfg), g) for n in checkpoints.NETWORKS}
+    backend = TorchBackend(nets, device, dtype)
+    tok = make_tokenizer(Path(tempfile.mkdtemp(prefix="bench-tok-")))
+    one, pair = Text2Image(backend, cfg, tok), Text2Image(backend, cfg, tok, cfg_pair=pair_half)
+    names = [None, None]
+    dist.all_gather_object(names, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    report = {"mode": "cfg_parallel", "devices": names, "torch": torch.__version__, "preset": args.preset,
+              "dtype": str(dtype).removeprefix("torch."), "size": args.size, "steps": args.steps,
+              "argv": sys.argv[1:], "end_to_end": {}, "uvit_call_ms": {}, "exchange_us": {}}
+    if rank == 0:
+        print(f"# CFG parallel: {names}, torch {torch.__version__}, preset {args.preset}, "
+              f"{args.size}x{args.size}, {args.steps} steps, {report['dtype']}", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for B in args.batch_sizes:
+            req = Request([f"a photo of object number {i} on a table" for i in range(B)], list(range(B)),
+                          args.steps, 7.0, args.size, args.size)
+            r = report["end_to_end"][B] = {}
+            if rank == 0:                              # one GPU, as run.py without torchrun
+                one(req)                               # capture
+                r["one_gpu_ms"] = time_ms(lambda: one(req), device, warmup=0, repeats=args.repeats)
+                img_one = one(req).images
+                c = report["uvit_call_ms"][B] = {}
+                for rows in (2 * B, B):                # one GPU's call, and each pair rank's
+                    a = (torch.randn(rows, u.in_chans, h, w, generator=gen).to(device, dtype),
+                         torch.randn(rows, 1, u.clip_img_dim, generator=gen).to(device, dtype),
+                         torch.randn(rows, u.num_text_tokens, u.text_dim, generator=gen).to(device, dtype),
+                         torch.full((rows,), 500.0, device=device), torch.zeros(rows, device=device),
+                         torch.ones(rows, dtype=torch.long, device=device))
+                    c[f"{rows}_rows"] = time_ms(graphed(lambda: backend.uvit(*a), device), device, repeats=30)
+            dist.barrier()
+            pair(req)                                  # both ranks: capture, with the exchange inside
+            r["cfg_pair_ms"] = time_ms(lambda: pair(req), device, warmup=0, repeats=args.repeats)
+            img_pair = pair(req).images
+            x = torch.randn(B, u.in_chans * h * w + u.clip_img_dim, generator=gen).to(device, dtype)
+            e = report["exchange_us"][B] = {"bytes_per_rank": x.numel() * x.element_size()}
+            e["eager"] = 1e3 * time_ms(lambda: pair_half.gather(x), device, repeats=50)
+            if device.type == "cuda":
+                loop = graphed(lambda: [pair_half.gather(x) for _ in range(args.steps)][-1], device)
+                e["in_graph_per_step"] = 1e3 * time_ms(loop, device, repeats=20) / args.steps
+            if rank == 0:
+                r["speed_up"] = r["one_gpu_ms"] / r["cfg_pair_ms"]
+                r["image_max_level_diff"] = (img_one.int() - img_pair.int()).abs().max().item()
+                print(f"B={B}: one GPU {r['one_gpu_ms']:.1f} ms, CFG pair {r['cfg_pair_ms']:.1f} ms, "
+                      f"{r['speed_up']:.2f}x (images differ by <= {r['image_max_level_diff']} levels); "
+                      f"UViT call {', '.join(f'{k} {v:.2f} ms' for k, v in report['uvit_call_ms'][B].items())}; "
+                      f"exchange {', '.join(f'{k} {v:.1f}' for k, v in e.items())} (us)", flush=True)
+    if rank == 0 and args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    layout.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 """Generate images from text with UniDiffuser-v1.
 
     python run.py --prompt "an elephant under the sea" --model-dir MODEL --out out/
+    torchrun --nproc-per-node 2 run.py ...     # several GPUs: CFG pairs, images spread over pairs
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from unidiffuser import checkpoints, cli
+from unidiffuser import checkpoints, cli, parallel
 from unidiffuser.files import atomic_write, atomic_write_text
 from unidiffuser.pipeline import BACKENDS, Request, Text2Image
 
@@ -86,11 +87,12 @@ def main(argv=None) -> int:
                     16 if args.width is None else args.width)
     probe.validate()
     check_writable(args.out)
+    layout = parallel.init_from_env(args.device, cfg=args.scale != 0)   # [parallel] world size 1: a no-op
 
     options = {"compile": True} if args.compile else {}
     if args.backend == "trtllm":
         options = {"engine_dir": args.engine_dir}     # --compile is a torch-backend option
-    pipe = Text2Image.from_dir(args.model_dir, args.device, dtype, args.backend, **options)
+    pipe = Text2Image.from_dir(args.model_dir, layout.device, dtype, args.backend, layout.cfg_pair, **options)
     height = pipe.cfg.default_size if args.height is None else args.height
     width = pipe.cfg.default_size if args.width is None else args.width
     random = bool(pipe.manifest.get("random_weights"))
@@ -99,28 +101,35 @@ def main(argv=None) -> int:
         log.warning("--dtype fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
                     "the reference needs a folder made by convert_weights.py --dtype fp32", weights_dtype)
 
-    index = 0
-    for prompt in prompts:
-        seeds = [args.seed + index + i for i in range(args.n_samples)]
-        req = Request([prompt] * args.n_samples, seeds, args.steps, args.scale, height, width)
-        with tqdm(total=args.steps, desc=f"{prompt[:40]!r}", unit="step", leave=False) as bar:
+    # Image i is prompt i // n_samples with seed --seed + i. [parallel] This rank's share of them,
+    # n_samples at a time (world size 1: all of them, one prompt per batch).
+    images = [(prompt, args.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(args.n_samples))]
+    for batch in layout.batches(images, args.n_samples):
+        batch_prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
+        req = Request(batch_prompts, seeds, args.steps, args.scale, height, width)
+        with tqdm(total=args.steps, desc=f"{batch_prompts[0][:40]!r}", unit="step", leave=False,
+                  disable=not layout.writer) as bar:
             result = pipe(req, progress=lambda k: bar.update(1))
-        for img, seed in zip(result.images, seeds):
+        if not layout.writer:     # [parallel] the CFG partner's rank writes these images
+            continue
+        for img, prompt, seed in zip(result.images, batch_prompts, seeds):
             stem = args.out / f"{slug(prompt)}_seed{seed}"
             atomic_write(stem.with_suffix(".png"), lambda p: Image.fromarray(img.numpy()).save(p, format="PNG"))
             sidecar = {
                 "prompt": prompt, "seed": seed, "steps": args.steps, "scale": args.scale,
-                "height": height, "width": width, "batch": args.n_samples,
-                "backend": args.backend, "dtype": dtype, "device": str(args.device),
+                "height": height, "width": width, "batch": len(batch),
+                "backend": args.backend, "dtype": dtype, "device": str(layout.device),
                 "model_dir": str(args.model_dir), "random_weights": random, "weights_dtype": weights_dtype,
                 "time_per_stage_s": {k: round(v, 4) for k, v in result.timings_s.items()},
             }
+            if layout.world_size > 1:
+                sidecar["parallel"] = layout.describe()     # [parallel]
             atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
             print(stem.with_suffix(".png"))
-        index += args.n_samples
         t = result.timings_s
-        log.info("%d image(s) in %.2f s (encode %.3f, sample %.3f, decode %.3f)", args.n_samples,
+        log.info("%d image(s) in %.2f s (encode %.3f, sample %.3f, decode %.3f)", len(batch),
                  sum(t.values()), t["encode_s"], t["sample_s"], t["decode_s"])
+    layout.close()
     return 0
 
 

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.config import ModelConfig
 
-from . import checkpoints, sampler
+from . import checkpoints, parallel, sampler
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("unidiffuser")
@@ -164,14 +164,17 @@ class Result:
 
 
 class Text2Image:
-    def __init__(self, backend, cfg: ModelConfig, tokenizer: Tokenizer, manifest: dict | None = None):
+    def __init__(self, backend, cfg: ModelConfig, tokenizer: Tokenizer, manifest: dict | None = None,
+                 cfg_pair: parallel.CfgPair | None = None):
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.manifest = manifest or {}
+        self.cfg_pair = cfg_pair      # under torchrun: run only this rank's half of the CFG rows
         self.device, self.dtype = backend.device, backend.dtype
         self._graphs: dict[tuple, _GraphedLoop] = {}
 
     @classmethod
-    def from_dir(cls, model_dir: Path, device: str | torch.device, dtype: str = "fp32", backend: str = "torch", **backend_options):
+    def from_dir(cls, model_dir: Path, device: str | torch.device, dtype: str = "fp32", backend: str = "torch",
+                 cfg_pair: parallel.CfgPair | None = None, **backend_options):
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if dtype not in checkpoints.DTYPES:
@@ -181,7 +184,7 @@ class Text2Image:
         if manifest.get("random_weights"):
             log.warning("%s holds RANDOM weights (convert_weights.py --random): images will be noise", model_dir)
         net_backend = BACKENDS[backend](model_dir, cfg, manifest, torch.device(device), checkpoints.DTYPES[dtype], **backend_options)
-        return cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest)
+        return cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest, cfg_pair)
 
     # -- the pipeline ---------------------------------------------------------------------------
 
@@ -203,24 +206,28 @@ class Text2Image:
         """The CFG noise prediction on the flat state x = [z | clip_img] that the solver moves.
 
         Conditional rows see the prompt at t_text = 0; unconditional rows ('true_uncond') see
-        fresh N(0, I) text at t_text = N. Both run as one batch. The solver state stays fp32
-        (as under the original's autocast); the network runs in the backend's dtype."""
+        fresh N(0, I) text at t_text = N. Both run as one batch, or, in a CFG pair of GPUs
+        (`parallel.CfgPair`), each rank runs one half and the pair exchanges the outputs, so both
+        hold every row and take the same solver step. The solver state stays fp32 (as under the
+        original's autocast); the network runs in the backend's dtype."""
         B, dt, N = text.shape[0], self.dtype, sampler.NUM_TRAIN_TIMESTEPS
         zdim = z_shape.numel()
-        rows = 2 * B if scale != 0 else B
-        t_text = torch.zeros(rows, device=self.device)
-        t_text[B:] = N
+        pair = self.cfg_pair if scale != 0 else None
+        halves = [0] if scale == 0 else [pair.half] if pair is not None else [0, 1]    # 0: cond rows, 1: uncond rows
+        rows = len(halves) * B
+        t_text = torch.cat([torch.full((B,), float(h * N)) for h in halves]).to(self.device)
         data_type = torch.full((rows,), DATA_TYPE, device=self.device, dtype=torch.long)
 
         def fn(x: torch.Tensor, k: int, t: float) -> torch.Tensor:
-            z = x[:, :zdim].reshape(B, *z_shape)
-            clip_img = x[:, zdim:].reshape(B, 1, -1)
-            txt = text if scale == 0 else torch.cat([text, text_uncond[k]])
-            if scale != 0:
-                z, clip_img = torch.cat([z, z]), torch.cat([clip_img, clip_img])
+            z = x[:, :zdim].reshape(B, *z_shape).repeat(len(halves), 1, 1, 1)
+            clip_img = x[:, zdim:].reshape(B, 1, -1).repeat(len(halves), 1, 1)
+            txt = torch.cat([text_uncond[k] if h else text for h in halves])
             t_img = torch.full((rows,), t * N, device=self.device)
             z_out, clip_out = self.backend.uvit(z.to(dt), clip_img.to(dt), txt.to(dt), t_img, t_text, data_type)
-            out = torch.cat([z_out.reshape(rows, -1), clip_out.reshape(rows, -1)], dim=1).float()
+            out = torch.cat([z_out.reshape(rows, -1), clip_out.reshape(rows, -1)], dim=1)
+            if pair is not None:   # all rows, cond then uncond, on both ranks of the pair
+                out = pair.gather(out)
+            out = out.float()
             if scale == 0:
                 return out
             cond, uncond = out.chunk(2)
