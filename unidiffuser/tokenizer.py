@@ -72,7 +72,11 @@ class Tokenizer:
         missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder}: tokenizer files missing: {', '.join(missing)}")
-        self._tok = CLIPTokenizer.from_pretrained(str(folder))
+        try:
+            self._tok = CLIPTokenizer.from_pretrained(str(folder))
+        except Exception as e:   # tokenizers reports a bad vocab.json as a bare Exception
+            raise ValueError(f"{folder}: vocab.json/merges.txt are not a readable CLIP BPE tokenizer "
+                             f"({type(e).__name__}: {e}); re-run convert_weights.py") from None
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> int64 ids [len(prompts), 77]."""
