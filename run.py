@@ -144,9 +144,11 @@ def write_image(png: Path, img, sidecar: dict, overwrite: bool) -> None:
     from PIL import Image
 
     from unidiffuser.files import publish_together, temp_beside
-    text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"   # strict JSON
+    from unidiffuser.folders import sha256
     tmp_png = temp_beside(png, lambda p: Image.fromarray(img.numpy()).save(p, format="PNG"))
     try:
+        sidecar = {**sidecar, "png_sha256": sha256(tmp_png)}            # which PNG this sidecar describes
+        text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"   # strict JSON
         tmp_json = temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"))
     except BaseException:
         tmp_png.unlink()

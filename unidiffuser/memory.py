@@ -123,8 +123,14 @@ def check_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str
         return estimate(cfg, n, side, side, dtype, weight_bytes, steps, graphs).total <= free
 
     side = largest_square(cfg, batch, fits)
-    n_fit = max((n for n in range(batch, 0, -1) if estimate(cfg, n, height, width, dtype, weight_bytes,
-                                                             steps, graphs).total <= free), default=0)
+    lo, hi = 0, batch - 1          # the largest batch that fits at the asked size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(cfg, mid, height, width, dtype, weight_bytes, steps, graphs).total <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    n_fit = lo
     what = [f"at most {side}x{side} at this batch of {batch}" if side else f"no size at a batch of {batch}"]
     if n_fit:
         what.append(f"a batch of at most {n_fit} at {height}x{width}")
