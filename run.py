@@ -21,6 +21,7 @@ log = logging.getLogger("unidiffuser")
 # --help and argument errors answer before torch is imported.
 DTYPES, BACKENDS = ("bf16", "fp16", "fp32"), ("torch", "trtllm")
 MAX_STEPS = 1000   # the discrete noise schedule has 1000 steps; the solver needs no more
+MAX_BATCH = 4096   # one batch; far beyond what any GPU holds at 512x512 (the memory check says what fits)
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -64,8 +65,8 @@ def read_prompts(args) -> list[str]:
 
 def check_arguments(args, n_images: int) -> None:
     """Everything about the arguments that needs neither torch nor the model folder."""
-    if args.n_samples < 1:
-        raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
+    if not 1 <= args.n_samples <= MAX_BATCH:
+        raise ValueError(f"--n-samples must be in 1..{MAX_BATCH} (one batch), got {args.n_samples}")
     if not 1 <= args.steps <= MAX_STEPS:
         raise ValueError(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
     if not math.isfinite(args.scale):
@@ -159,21 +160,20 @@ def write_image(png: Path, img, sidecar: dict, overwrite: bool) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    # Every check that needs no weights runs first: arguments, then the output folder, then
-    # the device and the model folder's config and manifest, then the memory a request needs.
+    # Every check that needs no weights runs first: arguments, the output folder, the device,
+    # the model folder's config and manifest with the memory a request needs, existing images.
     check_arguments(args, len(prompts) * args.n_samples)
     check_writable(args.out)
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    if args.backend == "torch":
+        check_memory(args.model_dir, device, dtype, args.n_samples, args.height, args.width, args.steps)
     plan = plan_outputs(prompts, args)
     if not args.overwrite:
         taken = [p for _, _, pngs in plan for png in pngs for p in (png, png.with_suffix(".json")) if p.exists()]
         if taken:
             raise ValueError(f"--out {args.out}: {taken[0].name}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''} "
                              "already exist(s); pass --overwrite to replace them, or choose another --out or --seed")
-
-    device = resolve_device(args.device)
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    if args.backend == "torch":
-        check_memory(args.model_dir, device, dtype, args.n_samples, args.height, args.width, args.steps)
 
     from tqdm import tqdm
 

@@ -121,7 +121,8 @@ def run_x(model, tmp_path, *args):
     (["--height", "100000"], ["--height", "at most 4096"]),
     (["--steps", "0"], ["--steps", "1..1000"]),
     (["--steps", "1000000"], ["--steps", "1..1000"]),
-    (["--n-samples", "0"], ["--n-samples", ">= 1"]),
+    (["--n-samples", "0"], ["--n-samples", "1..4096"]),
+    (["--n-samples", "1000000000"], ["--n-samples", "1..4096"]),
     (["--scale", "nan"], ["--scale", "finite"]),
     (["--scale", "inf"], ["--scale", "finite"]),
     (["--scale=-inf"], ["--scale", "finite"]),
@@ -155,7 +156,7 @@ def test_run_device_index_out_of_range(converted, tmp_path):
 
 
 def test_run_refuses_what_cannot_fit_before_loading(converted, tmp_path):
-    r = run_x(converted[1], tmp_path, "--height", "4096", "--width", "4096", "--n-samples", "100000")
+    r = run_x(converted[1], tmp_path, "--height", "4096", "--width", "4096", "--n-samples", "4096")
     refused(r, "--height 4096 --width 4096", "GiB", "What would fit")
     assert "RANDOM weights" not in r.stderr            # refused before the model was loaded
 
@@ -397,6 +398,18 @@ def test_convert_help_layout_needs_no_out():
 def test_convert_rejects_bad_arguments(tmp_path, args, names):
     refused(cli("convert_weights.py", *args, cwd=tmp_path), *names)
     assert not (tmp_path / "m").exists()
+
+
+def test_convert_out_is_a_file(converted, tmp_path):
+    mine = sentinel(tmp_path, "model")
+    refused(convert(converted[0], mine), f"--out {mine}", "not a folder")
+    assert survives(mine)
+
+
+@pytest.mark.parametrize("script", ["build_clip.py", "build_uvit.py"])
+@pytest.mark.parametrize("n", ["0", "100000"])
+def test_build_scripts_refuse_bad_batch(converted, script, n):
+    refused(cli(script, "--model-dir", converted[1], "--max-batch-size", n), "--max-batch-size", "1..4096")
 
 
 def test_convert_refuses_nonempty_out_before_any_work(converted, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .memory import MAX_SIDE
 
+MAX_BATCH = 4096   # as run.py's --n-samples
 NO_TRTLLM = "tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md"
 
 
@@ -35,8 +36,8 @@ def parse_args(net: str, argv=None, sizes: bool = False, plugin: bool = False):
         p.error("give --model-dir, or both --checkpoint-dir and --output-dir")
     args.checkpoint_dir = args.checkpoint_dir or args.model_dir / "trtllm" / net
     args.output_dir = args.output_dir or args.model_dir / "engines" / net
-    if args.max_batch_size < 1:
-        p.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 1 <= args.max_batch_size <= MAX_BATCH:
+        p.error(f"--max-batch-size must be in 1..{MAX_BATCH}, got {args.max_batch_size}")
     for name in ("height", "width") if sizes else ():
         v = getattr(args, name)   # None is the model's default; 0 is not
         if v is not None and (v <= 0 or v % 16 or v > MAX_SIDE):
