@@ -515,7 +515,10 @@ def test_failed_download_removes_only_what_it_created(tmp_path, monkeypatch, exi
     mine = sentinel(src) if existed else None
 
     def offline(repo, filename, local_dir):
-        (Path(local_dir) / ".cache" / "huggingface" / "download").mkdir(parents=True, exist_ok=True)
+        if filename == "uvit_v1.pth":                 # the first file arrives, the second does not
+            (Path(local_dir) / ".cache" / "huggingface" / "download").mkdir(parents=True, exist_ok=True)
+            write(Path(local_dir) / filename, "downloaded")
+            return
         hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
         raise OSError("network unreachable")
 

@@ -183,7 +183,8 @@ def download_originals(src: Path) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
     src = Path(src)
     clip = src / CLIP_DIR
-    created = [d for d in (src, src / ".cache", clip, clip / ".cache") if not d.exists()]
+    created = [p for p in (src, src / ".cache", clip, clip / ".cache", *(src / f for f in folders.ORIGINALS))
+               if not p.exists()]
     # huggingface_hub logs through its own handler and also propagates to ours: every retry
     # line would print twice.
     hub_log = logging.getLogger("huggingface_hub")
@@ -194,9 +195,11 @@ def download_originals(src: Path) -> Path:
         snapshot_download(CLIP_REPO, local_dir=clip,
                           allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"])
     except Exception as e:
-        for d in created:   # outermost first: removing src removes the rest
-            if d.exists():
-                shutil.rmtree(d, ignore_errors=True)
+        for p in created:   # outermost first: removing src removes the rest
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
         raise CheckpointError(f"could not download the original weights ({type(e).__name__}: {e}).\n"
                               + placement_help(src) + "\nTo try the tool without weights: "
                               "python convert_weights.py --random tiny --out tiny") from None
@@ -331,15 +334,15 @@ def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[
             atomic_write(path, partial(save_file, tensors, metadata={"source": source, "dtype": dtype}))
             files[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size, "dtype": dtype, "source": source}
         tok_dir = tmp / "tokenizer"
-        try:
-            if tokenizer_src is not None and all((Path(tokenizer_src) / f).is_file() for f in tokenizer.TOKENIZER_FILES):
-                tok_dir.mkdir()
-                for f in tokenizer.TOKENIZER_FILES:
+        if tokenizer_src is not None and all((Path(tokenizer_src) / f).is_file() for f in tokenizer.TOKENIZER_FILES):
+            tok_dir.mkdir()
+            for f in tokenizer.TOKENIZER_FILES:
+                try:
                     shutil.copyfile(Path(tokenizer_src) / f, tok_dir / f)
-            else:
-                tokenizer.write_tokenizer_files(tok_dir)
-        except OSError as e:
-            raise write_failure(tok_dir, e) from e
+                except OSError as e:
+                    raise write_failure(tok_dir / f, e) from e
+        else:
+            tokenizer.write_tokenizer_files(tok_dir)
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         for name in folders.SMALL_FILES:
             files[name] = {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
