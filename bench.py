@@ -21,12 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from models.config import PRESETS
-from unidiffuser import checkpoints
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph
 
 
 def parse_args(argv=None):
@@ -48,6 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--cfg-parallel", action="store_true", help="under torchrun --nproc-per-node 2: end to end "
                    "on one GPU against a CFG pair of two, and the per-step exchange (see cfg_parallel_main)")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()   # --help and argument errors answer before the imports below (torch takes seconds)
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from unidiffuser import checkpoints  # noqa: E402
+from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph  # noqa: E402
 
 
 # -- timing -----------------------------------------------------------------------------------

@@ -5,11 +5,10 @@
 """
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 from models.config import TextEncoderConfig
-from unidiffuser import engine_build
+from unidiffuser import build_args, cli
 
 NET = "text_encoder"
 
@@ -19,11 +18,18 @@ def prepare(args, ckpt_config):
 
 
 def build(args, ckpt_config, weights, cfg):
+    from unidiffuser import engine_build
     from models.trtllm.text_encoder import TextEncoder
     engine = engine_build.build_serialized(TextEncoder(cfg), weights, args.max_batch_size, fused_attention=False)
     return engine, args.max_batch_size, None, {"attention": "plain (causal)"}
 
 
+def main(argv=None) -> int:
+    args = build_args.parse_args(NET, argv)
+    from unidiffuser import engine_build   # torch: after the arguments are checked
+    return engine_build.main(NET, None, SimpleNamespace(
+        parse=lambda _: args, prepare=build_args.require_tensorrt_llm(prepare), build=build))
+
+
 if __name__ == "__main__":
-    sys.exit(engine_build.main(NET, None, SimpleNamespace(
-        parse=lambda argv: engine_build.parse_args(NET, argv), prepare=prepare, build=build)))
+    cli.run(main)

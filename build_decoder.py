@@ -7,16 +7,16 @@ docs/engines.md), else through TensorRT's normalization layer.
 """
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 from models.config import VAEDecoderConfig
-from unidiffuser import engine_build
+from unidiffuser import build_args, cli
 
 NET = "vae_decoder"
 
 
 def prepare(args, ckpt_config):
+    from unidiffuser import engine_build
     d = dict(ckpt_config["model_config"])
     d["ch_mult"] = tuple(d["ch_mult"])
     cfg = VAEDecoderConfig(**d)
@@ -28,6 +28,7 @@ def prepare(args, ckpt_config):
 
 
 def build(args, ckpt_config, weights, prepared):
+    from unidiffuser import engine_build
     from models.trtllm.vae_decoder import VAEDecoder, load_group_norm_plugin
     cfg, latent = prepared
     use_plugin = False
@@ -43,6 +44,12 @@ def build(args, ckpt_config, weights, prepared):
     return engine, args.max_batch_size, latent, norm
 
 
+def main(argv=None) -> int:
+    args = build_args.parse_args(NET, argv, sizes=True, plugin=True)
+    from unidiffuser import engine_build   # torch: after the arguments are checked
+    return engine_build.main(NET, None, SimpleNamespace(
+        parse=lambda _: args, prepare=build_args.require_tensorrt_llm(prepare), build=build))
+
+
 if __name__ == "__main__":
-    sys.exit(engine_build.main(NET, None, SimpleNamespace(
-        parse=lambda argv: engine_build.parse_args(NET, argv, sizes=True, plugin=True), prepare=prepare, build=build)))
+    cli.run(main)

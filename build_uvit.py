@@ -6,21 +6,22 @@
 """
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 from models.config import UViTConfig
-from unidiffuser import engine_build
+from unidiffuser import build_args, cli
 
 NET = "uvit"
 
 
 def prepare(args, ckpt_config):
+    from unidiffuser import engine_build
     cfg = UViTConfig(**ckpt_config["model_config"])
     return cfg, engine_build.latent_size(args, ckpt_config, cfg.img_size)
 
 
 def build(args, ckpt_config, weights, prepared):
+    from unidiffuser import engine_build
     from models.trtllm.uvit import UViT, use_fused_attention
     cfg, latent = prepared
     fused = use_fused_attention(cfg) and not args.no_fused_attention
@@ -29,6 +30,12 @@ def build(args, ckpt_config, weights, prepared):
     return engine, rows, latent, {"attention": "bert_attention plugin" if fused else "plain"}
 
 
+def main(argv=None) -> int:
+    args = build_args.parse_args(NET, argv, sizes=True)
+    from unidiffuser import engine_build   # torch: after the arguments are checked
+    return engine_build.main(NET, None, SimpleNamespace(
+        parse=lambda _: args, prepare=build_args.require_tensorrt_llm(prepare), build=build))
+
+
 if __name__ == "__main__":
-    sys.exit(engine_build.main(NET, None, SimpleNamespace(
-        parse=lambda argv: engine_build.parse_args(NET, argv, sizes=True), prepare=prepare, build=build)))
+    cli.run(main)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from models.config import PRESETS
-from unidiffuser import checkpoints, cli
+from unidiffuser import cli, folders
 
 log = logging.getLogger("unidiffuser")
 
@@ -22,54 +22,84 @@ log = logging.getLogger("unidiffuser")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, help="folder with the original files (see --help-layout)")
-    p.add_argument("--out", type=Path, required=True, help="converted model folder to write")
-    p.add_argument("--download", action="store_true", help="fetch the original files into --src from the hub")
+    p.add_argument("--out", type=Path, help="converted model folder to write (required)")
+    p.add_argument("--download", action="store_true", help="fetch the original files into --src from the hub "
+                   "(never over files you placed there)")
     p.add_argument("--random", choices=sorted(PRESETS), help="first write random weights in the original "
-                   "layouts (into --src if given, else a temporary folder), then convert them")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="v1", help="network shapes of the originals (default v1)")
+                   "layouts (into --src if given: a new folder or one --random wrote; else a temporary "
+                   "folder), then convert them")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="network shapes of the originals (default v1; "
+                   "with --random, the --random preset)")
     p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16", help="stored dtype (default fp16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random weights")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--seed", type=int, help="seed of --random weights (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a model folder that "
+                   "convert_weights.py wrote and holds nothing else (it is swapped only once the new one is complete)")
     p.add_argument("--trtllm", action="store_true", help="also write the TensorRT-LLM checkpoint folders "
                    "OUT/trtllm/{text_encoder,uvit,vae_decoder} (inputs of build_*.py, docs/engines.md)")
     p.add_argument("--help-layout", action="store_true", help="print where the original files go, and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.help_layout:
+        return args
+    if args.out is None:
+        p.error("--out is required: the converted model folder to write, e.g. --out model")
+    if args.random and args.download:
+        p.error("--random and --download exclude each other: --random writes random weights, --download fetches the real ones")
+    if args.random and args.preset not in (None, args.random):
+        p.error(f"--preset {args.preset} contradicts --random {args.random} (the random weights have the --random shapes)")
+    if args.seed is not None and not args.random:
+        p.error("--seed is the seed of --random weights; without --random it would be ignored")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        p.error(f"--seed must be in [0, 2**64), got {args.seed}")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     src = args.src or Path("originals")
     if args.help_layout:
-        print(checkpoints.placement_help(src))
+        print(folders.placement_help(src))
         return 0
-    preset = args.random or args.preset
+    preset = args.random or args.preset or "v1"
+    # Every check that needs no weights, before any are read or written.
+    random_src = args.src if args.random else None
+    if not args.random and not args.download and args.src is None:
+        raise ValueError("give --src with the original files, or --download, or --random\n" + folders.placement_help(src))
+    folders.check_out(args.out, args.overwrite, None if args.random and args.src is None else src)
+    if random_src is not None:
+        folders.check_random_src(random_src)
+    if args.download:
+        folders.check_download_src(src)
+    if not args.random and not args.download and not args.src.is_dir():
+        raise ValueError(f"--src {args.src}: folder not found\n" + folders.placement_help(src))
+
+    from unidiffuser import checkpoints   # torch, transformers: after the checks above
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unidiffuser-random-") as scratch:
         if args.random:
             src = args.src or Path(scratch)
             log.info("writing random %s weights in the original layouts to %s", preset, src)
-            checkpoints.write_random_originals(src, preset, args.seed)
+            checkpoints.write_random_originals(src, preset, args.seed or 0)
         elif args.download:
             log.info("downloading the original files into %s", src)
             checkpoints.download_originals(src)
-        elif args.src is None:
-            raise checkpoints.CheckpointError("give --src with the original files, or --download, or --random\n"
-                                              + checkpoints.placement_help(src))
         missing = checkpoints.missing_originals(src)
         if missing:
             raise checkpoints.CheckpointError("missing original files: " + ", ".join(missing) + "\n"
-                                              + checkpoints.placement_help(src))
+                                              + folders.placement_help(src))
         checkpoints.clip_config_matches(src / checkpoints.CLIP_DIR, cfg)
         log.info("reading %s", src)
         networks = checkpoints.read_originals(src, cfg)
-        random = args.random is not None or (src / "RANDOM_WEIGHTS").is_file()
+        random = args.random is not None or (src / folders.RANDOM_MARK).is_file()
+        extra = None
+        if args.trtllm:
+            from unidiffuser import trtllm_checkpoint
+            extra = trtllm_checkpoint.write_all   # into the new folder before it is swapped in
         out = checkpoints.write_converted(args.out, cfg, networks, args.dtype, src / checkpoints.CLIP_DIR,
-                                          random=random, overwrite=args.overwrite)
+                                          random=random, overwrite=args.overwrite,
+                                          src=None if args.random and args.src is None else src, extra=extra)
     if args.trtllm:
-        from unidiffuser import trtllm_checkpoint
-        for name, folder in trtllm_checkpoint.write_all(out).items():
-            log.info("wrote TensorRT-LLM checkpoint %s", folder)
+        log.info("wrote TensorRT-LLM checkpoints %s/trtllm/{%s}", out, ",".join(folders.NETWORKS))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({preset}, {args.dtype}, {size / 2**20:.1f} MiB{', RANDOM weights' if random else ''}) "
           f"in {time.perf_counter() - t0:.1f} s")

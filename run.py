@@ -2,43 +2,47 @@
 """Generate images from text with UniDiffuser-v1.
 
     python run.py --prompt "an elephant under the sea" --model-dir MODEL --out out/
-    torchrun --nproc-per-node 2 run.py ...     # several GPUs: CFG pairs, images spread over pairs
+    torchrun --nproc-per-node 2 run.py ...      # GPUs in CFG pairs (README, "Several GPUs")
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import re
 import tempfile
 from pathlib import Path
 
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-from unidiffuser import checkpoints, cli, parallel
-from unidiffuser.files import atomic_write, atomic_write_text
-from unidiffuser.pipeline import BACKENDS, Request, Text2Image
+from unidiffuser import cli, memory
 
 log = logging.getLogger("unidiffuser")
+
+# The choices of unidiffuser.checkpoints.DTYPES and pipeline.BACKENDS, spelled out so that
+# --help and argument errors answer before torch is imported.
+DTYPES, BACKENDS = ("bf16", "fp16", "fp32"), ("torch", "trtllm")
+MAX_STEPS = 1000   # the discrete noise schedule has 1000 steps; the solver needs no more
+MAX_BATCH = 4096   # one batch; far beyond what any GPU holds at 512x512 (the memory check says what fits)
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line")
     p.add_argument("--model-dir", type=Path, required=True, help="converted model folder (convert_weights.py)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.add_argument("--overwrite", action="store_true", help="replace images (and sidecars) of the same names in --out; "
+                   "without it an existing image is never replaced")
     p.add_argument("--seed", type=int, default=1234, help="seed of the first image; image i uses seed + i")
     p.add_argument("--steps", type=int, default=50, help="model evaluations of DPM-Solver++ (default 50)")
     p.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     p.add_argument("--n-samples", type=int, default=1, help="images per prompt, generated as one batch")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model's, 512 for v1)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--dtype", choices=sorted(checkpoints.DTYPES), help="network precision (default fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="torch", help="how the networks run (default torch)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="network precision (default fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="how the networks run (default torch)")
     p.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the UViT "
                    "(~35 s of compiling per batch size for ~4%% per UViT call on an H100, see README)")
     p.add_argument("--engine-dir", type=Path, help="TensorRT-LLM engine folder of --backend trtllm "
@@ -49,13 +53,41 @@ def parse_args(argv=None):
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
-        try:
-            prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:   # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+            text = args.prompts_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it ({e})") from None
+            raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it as UTF-8 text "
+                             f"({getattr(e, 'strerror', None) or e})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file with one prompt per line")
     return prompts
+
+
+def check_arguments(args, n_images: int) -> None:
+    """Everything about the arguments that needs neither torch nor the model folder."""
+    if not 1 <= args.n_samples <= MAX_BATCH:
+        raise ValueError(f"--n-samples must be in 1..{MAX_BATCH} (one batch), got {args.n_samples}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
+    if not math.isfinite(args.scale):
+        raise ValueError(f"--scale must be a finite number, got {args.scale}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 16 or v > memory.MAX_SIDE):
+            raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches) of at most "
+                             f"{memory.MAX_SIDE}, got {v}")
+    if not 0 <= args.seed <= 2**64 - n_images:   # torch.Generator.manual_seed takes [0, 2**64)
+        raise ValueError(f"--seed must be in [0, 2**64 - {n_images}] (image i uses seed + i, {n_images} image(s)), "
+                         f"got {args.seed}")
+    if args.device is not None and not DEVICE.fullmatch(args.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.compile and args.backend != "torch":
+        raise ValueError("--compile is an option of --backend torch (TensorRT-LLM engines are compiled by build_*.py)")
+    if args.compile and args.device == "cpu":
+        raise ValueError("--compile needs --device cuda (it compiles the CUDA fast path)")
+    if args.engine_dir is not None and args.backend != "trtllm":
+        raise ValueError("--engine-dir is an option of --backend trtllm")
 
 
 def check_writable(out: Path) -> None:
@@ -71,28 +103,90 @@ def slug(text: str, n: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
 
 
+def plan_outputs(prompts: list[str], args) -> list[tuple[str, int, Path]]:
+    """Image i: prompt i // n_samples, seed --seed + i, and the PNG path it is written to."""
+    each = [p for p in prompts for _ in range(args.n_samples)]
+    return [(p, args.seed + i, args.out / f"{slug(p)}_seed{args.seed + i}.png") for i, p in enumerate(each)]
+
+
+def resolve_device(requested: str | None) -> str:
+    import torch
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device is available here (use --device cpu)")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return requested
+
+
+def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: int | None, width: int | None,
+                 steps: int) -> None:
+    """Refuse a size or batch that cannot fit, from the manifest alone (no weights read)."""
+    from unidiffuser import checkpoints
+    cfg, manifest = checkpoints.read_manifest(model_dir)
+    stored = sum(e["bytes"] for e in manifest["files"].values() if "dtype" in e)
+    weights = stored * memory.DTYPE_BYTES[dtype] // memory.DTYPE_BYTES[manifest["dtype"]]
+    if not device.startswith("cuda"):
+        weights += stored   # the state dicts are in memory while the networks load
+    memory.check_fits(cfg, batch, height or cfg.default_size, width or cfg.default_size, dtype, weights, steps,
+                      device, graphs=device.startswith("cuda") and dtype != "fp32")
+
+
+def write_image(png: Path, img, sidecar: dict, overwrite: bool) -> None:
+    """The PNG and its sidecar are written under temporary names, then renamed together under a
+    lock on the folder: a pair always comes from one run, even with concurrent runs."""
+    from PIL import Image
+
+    from unidiffuser.files import publish_together, temp_beside
+    from unidiffuser.folders import sha256
+    tmp_png = temp_beside(png, lambda p: Image.fromarray(img.numpy()).save(p, format="PNG"))
+    try:
+        sidecar = {**sidecar, "png_sha256": sha256(tmp_png)}            # which PNG this sidecar describes
+        text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"   # strict JSON
+        tmp_json = temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except BaseException:
+        tmp_png.unlink()
+        raise
+    publish_together([(tmp_png, png), (tmp_json, png.with_suffix(".json"))], overwrite)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    if args.n_samples < 1:
-        raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
+    # Every check that needs no weights runs first: arguments, the output folder, the engines, the
+    # device, the model folder's config and manifest with the memory a request needs, existing images.
+    check_arguments(args, len(prompts) * args.n_samples)
+    check_writable(args.out)
     if args.backend == "trtllm":   # before the device check: names the missing engine's build script anywhere
         from unidiffuser.trtllm_backend import check_engine_files
         check_engine_files(args.engine_dir or args.model_dir / "engines")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
-    # Fail on bad sizes, steps or output folder before minutes of model loading.
-    probe = Request(["-"], [0], args.steps, args.scale, 16 if args.height is None else args.height,
-                    16 if args.width is None else args.width)
-    probe.validate()
-    check_writable(args.out)
-    layout = parallel.init_from_env(args.device, cfg=args.scale != 0)   # [parallel] world size 1: a no-op
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    if args.backend == "torch":
+        check_memory(args.model_dir, device, dtype, args.n_samples, args.height, args.width, args.steps)
 
+    from unidiffuser import parallel
+    # Under torchrun: this rank's device, CFG partner and share of the images (README, "Several
+    # GPUs"); a single process gets all of them, n_samples (one prompt) per batch.
+    layout = parallel.init_from_env(device, cfg=args.scale != 0)
+    batches = layout.batches(plan_outputs(prompts, args), args.n_samples)
+    if layout.writer and not args.overwrite:
+        taken = [p for batch in batches for _, _, png in batch for p in (png, png.with_suffix(".json")) if p.exists()]
+        if taken:
+            raise ValueError(f"--out {args.out}: {taken[0].name}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''} "
+                             "already exist(s); pass --overwrite to replace them, or choose another --out or --seed")
+
+    from tqdm import tqdm
+
+    from unidiffuser.pipeline import Request, Text2Image
     options = {"compile": True} if args.compile else {}
     if args.backend == "trtllm":
-        options = {"engine_dir": args.engine_dir}     # --compile is a torch-backend option
-    pipe = Text2Image.from_dir(args.model_dir, layout.device, dtype, args.backend, layout.cfg_pair, **options)
+        options = {"engine_dir": args.engine_dir}
+    pipe = Text2Image.from_dir(args.model_dir, layout.device, dtype, args.backend, cfg_pair=layout.cfg_pair, **options)
     height = pipe.cfg.default_size if args.height is None else args.height
     width = pipe.cfg.default_size if args.width is None else args.width
     random = bool(pipe.manifest.get("random_weights"))
@@ -101,20 +195,15 @@ def main(argv=None) -> int:
         log.warning("--dtype fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
                     "the reference needs a folder made by convert_weights.py --dtype fp32", weights_dtype)
 
-    # Image i is prompt i // n_samples with seed --seed + i. [parallel] This rank's share of them,
-    # n_samples at a time (world size 1: all of them, one prompt per batch).
-    images = [(prompt, args.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(args.n_samples))]
-    for batch in layout.batches(images, args.n_samples):
-        batch_prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
-        req = Request(batch_prompts, seeds, args.steps, args.scale, height, width)
+    for batch in batches:
+        batch_prompts, seeds, pngs = zip(*batch)
+        req = Request(list(batch_prompts), list(seeds), args.steps, args.scale, height, width)
         with tqdm(total=args.steps, desc=f"{batch_prompts[0][:40]!r}", unit="step", leave=False,
                   disable=not layout.writer) as bar:
             result = pipe(req, progress=lambda k: bar.update(1))
-        if not layout.writer:     # [parallel] the CFG partner's rank writes these images
+        if not layout.writer:     # the first rank of a CFG pair writes the pair's images
             continue
-        for img, prompt, seed in zip(result.images, batch_prompts, seeds):
-            stem = args.out / f"{slug(prompt)}_seed{seed}"
-            atomic_write(stem.with_suffix(".png"), lambda p: Image.fromarray(img.numpy()).save(p, format="PNG"))
+        for img, prompt, seed, png in zip(result.images, batch_prompts, seeds, pngs):
             sidecar = {
                 "prompt": prompt, "seed": seed, "steps": args.steps, "scale": args.scale,
                 "height": height, "width": width, "batch": len(batch),
@@ -123,9 +212,9 @@ def main(argv=None) -> int:
                 "time_per_stage_s": {k: round(v, 4) for k, v in result.timings_s.items()},
             }
             if layout.world_size > 1:
-                sidecar["parallel"] = layout.describe()     # [parallel]
-            atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
-            print(stem.with_suffix(".png"))
+                sidecar["parallel"] = layout.describe()
+            write_image(png, img, sidecar, args.overwrite)
+            print(png)
         t = result.timings_s
         log.info("%d image(s) in %.2f s (encode %.3f, sample %.3f, decode %.3f)", len(batch),
                  sum(t.values()), t["encode_s"], t["sample_s"], t["decode_s"])

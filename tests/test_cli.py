@@ -1,7 +1,11 @@
-"""End to end through the two commands users run, and every bad input they can give them:
-a clear error naming the file or argument, exit code 2, nothing half-written."""
+"""End to end through the commands users run, and every bad input they can give them: a
+clear error naming the file or argument, exit code 2, no traceback, nothing of the user's lost
+or half-written (the overwrite tests plant a sentinel file and check it survives)."""
+import errno
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +18,47 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(script, *args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+def cli(script, *args, cwd=ROOT, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+
+
+def refused(r, *names):
+    """Exit 2, one clear message naming each of `names`, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    for name in names:
+        assert name in r.stderr, (name, r.stderr)
+
+
+def sentinel(folder: Path, name="keep.txt") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return write(folder / name, "the user's own file")
+
+
+def survives(path: Path) -> bool:
+    return path.is_file() and path.read_text() == "the user's own file"
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Random tiny weights in the original layouts (SRC) and their conversion (MODEL)."""
+    """Random tiny weights in the original layouts (SRC) and their conversion (MODEL, with the
+    TensorRT-LLM checkpoint folders for the build scripts)."""
     base = tmp_path_factory.mktemp("tiny")
-    r = cli("convert_weights.py", "--random", "tiny", "--src", base / "src", "--out", base / "model")
+    r = cli("convert_weights.py", "--random", "tiny", "--src", base / "src", "--out", base / "model", "--trtllm")
     assert r.returncode == 0, r.stderr
     return base / "src", base / "model"
+
+
+def strict_json(path: Path):
+    def no_constant(name):
+        raise ValueError(f"{path}: non-strict JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=no_constant)
 
 
 def copy_originals(src: Path, dst: Path) -> Path:
@@ -48,25 +81,30 @@ def test_end_to_end_writes_pngs_and_sidecars(converted, tmp_path):
     for png in pngs:
         img = Image.open(png)
         assert img.size == (128, 128) and img.mode == "RGB"
-        side = json.loads(png.with_suffix(".json").read_text())
+        side = strict_json(png.with_suffix(".json"))
+        assert side["png_sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
         assert side["steps"] == 3 and side["scale"] == 7.0 and side["backend"] == "torch"
         assert side["dtype"] == "fp32" and side["device"] == "cpu" and side["random_weights"] is True
         assert side["weights_dtype"] == "fp16"
         assert set(side["time_per_stage_s"]) == {"encode_s", "sample_s", "decode_s"}
     seeds = sorted(json.loads(p.with_suffix(".json").read_text())["seed"] for p in pngs)
     assert seeds == [1234, 1235, 1236, 1237]
+    assert not list(out.glob(".*"))                  # no temporary files left
 
 
-def test_seed_reproduces_and_non_square_sizes(converted, tmp_path):
+def test_seed_reproduces_and_prompts_file_bom_is_stripped(converted, tmp_path):
     _, model = converted
     common = ["--model-dir", model, "--steps", "2", "--height", "64", "--width", "96", "--seed", "7"]
     a = cli("run.py", "--prompt", "x", *common, "--out", tmp_path / "a")
-    b = cli("run.py", "--prompts-file", write(tmp_path / "p.txt", "x\n\n"), *common, "--out", tmp_path / "b")
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("\ufeffx\r\n\n".encode("utf-8"))     # as a Windows editor saves it
+    b = cli("run.py", "--prompts-file", prompts, *common, "--out", tmp_path / "b")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     ia, ib = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("a", "b"))
     assert ia.shape == (64, 96, 3)
     assert np.array_equal(ia, ib)
     assert len(np.unique(ia.reshape(-1, 3), axis=0)) > 100     # an actual picture, not a constant
+    assert strict_json(next((tmp_path / "b").glob("*.json")))["prompt"] == "x"
 
 
 def write(path: Path, text: str) -> Path:
@@ -74,50 +112,200 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-# -- bad input: run.py ---------------------------------------------------------------------------
+# -- bad input: run.py (argument errors answer before the model folder is even read) --------
 
-@pytest.mark.parametrize("args, message", [
-    (["--height", "100"], "--height must be a positive multiple of 16"),
-    (["--width", "0"], "--width must be a positive multiple of 16"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--n-samples", "0"], "--n-samples must be >= 1"),
+def run_x(model, tmp_path, *args):
+    return cli("run.py", "--prompt", "x", "--model-dir", model, "--out", tmp_path / "O", *args)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--height", "100"], ["--height", "multiple of 16"]),
+    (["--width", "0"], ["--width", "multiple of 16"]),
+    (["--height", "100000"], ["--height", "at most 4096"]),
+    (["--steps", "0"], ["--steps", "1..1000"]),
+    (["--steps", "1000000"], ["--steps", "1..1000"]),
+    (["--n-samples", "0"], ["--n-samples", "1..4096"]),
+    (["--n-samples", "1000000000"], ["--n-samples", "1..4096"]),
+    (["--scale", "nan"], ["--scale", "finite"]),
+    (["--scale", "inf"], ["--scale", "finite"]),
+    (["--scale=-inf"], ["--scale", "finite"]),
+    (["--seed", str(2**64)], ["--seed", "2**64"]),
+    (["--seed", "-1"], ["--seed", "2**64"]),
+    (["--seed", str(2**64 - 1), "--n-samples", "2"], ["--seed", "2**64 - 2"]),   # seed + 1 overflows
+    (["--device", "cuad"], ["--device", "cpu, cuda or cuda:N", "'cuad'"]),
+    (["--device", "mps"], ["--device", "'mps'"]),
+    (["--device", ""], ["--device", "''"]),
+    (["--device", "meta"], ["--device", "'meta'"]),
+    (["--device", "cuda:x"], ["--device", "'cuda:x'"]),
+    (["--compile", "--device", "cpu"], ["--compile", "--device cuda"]),
+    (["--compile", "--backend", "trtllm"], ["--compile", "--backend torch"]),
+    (["--engine-dir", "e"], ["--engine-dir", "--backend trtllm"]),
 ])
-def test_run_rejects_bad_arguments(converted, tmp_path, args, message):
-    _, model = converted
-    r = cli("run.py", "--prompt", "x", "--model-dir", model, "--out", tmp_path / "O", *args)
-    assert r.returncode == 2 and message in r.stderr
-    assert not list((tmp_path).rglob("*.png"))
+def test_run_rejects_bad_arguments(converted, tmp_path, args, names):
+    r = run_x(converted[1], tmp_path, *args)
+    refused(r, *names)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_run_device_cuda_without_cuda(converted, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present; the no-CUDA message cannot be shown")
+    refused(run_x(converted[1], tmp_path, "--device", "cuda"), "--device cuda", "no CUDA device")
+
+
+def test_run_device_index_out_of_range(converted, tmp_path):
+    n = torch.cuda.device_count()
+    refused(run_x(converted[1], tmp_path, "--device", f"cuda:{n}"), f"--device cuda:{n}")
+
+
+def test_run_refuses_what_cannot_fit_before_loading(converted, tmp_path):
+    r = run_x(converted[1], tmp_path, "--height", "4096", "--width", "4096", "--n-samples", "4096")
+    refused(r, "--height 4096 --width 4096", "GiB", "What would fit")
+    assert "RANDOM weights" not in r.stderr            # refused before the model was loaded
+
+
+def test_memory_estimate_says_what_fits():
+    from models.config import PRESETS
+    from unidiffuser import memory
+    cfg, gib = PRESETS["v1"], 2**30
+    e = memory.estimate(cfg, 8, 512, 512, "fp16", int(2.2e9), graphs=True)
+    assert 5 * gib < e.total < 16 * gib            # 512x512 batch 8 fits a 24 GiB GPU, as measured
+    assert memory.estimate(cfg, 1, 1024, 1024, "fp16", 0).total > 2 * memory.estimate(cfg, 1, 512, 512, "fp16", 0).total
+    with pytest.raises(ValueError, match=r"--height 2048 --width 2048 .* 24.0 GiB free.*at most (\d+)x\1 at this batch"):
+        memory.check_fits(cfg, 4, 2048, 2048, "fp16", int(2.2e9), 50, "cuda", True, free=24 * gib, where="GPU")
+    side = memory.largest_square(cfg, 1, lambda s: memory.estimate(cfg, 1, s, s, "fp16", int(2.2e9), graphs=True).total <= 24 * gib)
+    assert 1024 <= side < 4096 and side % 16 == 0
 
 
 def test_run_rejects_unwritable_output(converted, tmp_path):
     _, model = converted
     blocker = write(tmp_path / "file", "")
     r = cli("run.py", "--prompt", "x", "--model-dir", model, "--out", blocker / "sub")
-    assert r.returncode == 2 and "--out" in r.stderr and "not a writable folder" in r.stderr
+    refused(r, "--out", "not a writable folder")
 
 
 def test_run_without_prompt_or_model(tmp_path, converted):
     _, model = converted
-    r = cli("run.py", "--model-dir", model, "--out", tmp_path)
-    assert r.returncode == 2 and "--prompt" in r.stderr
+    refused(cli("run.py", "--model-dir", model, "--out", tmp_path), "--prompt")
     r = cli("run.py", "--prompt", "x", "--model-dir", tmp_path / "nowhere", "--out", tmp_path)
-    assert r.returncode == 2 and "nowhere" in r.stderr and "convert_weights.py" in r.stderr
+    refused(r, "nowhere", "convert_weights.py")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(cli("run.py", "--prompt", "x", "--model-dir", empty, "--out", tmp_path), "manifest.json", "convert_weights.py")
+
+
+@pytest.mark.parametrize("content", ["missing", "directory", b"\xff\xfe bad utf-8"])
+def test_run_unreadable_prompts_file(converted, tmp_path, content):
+    f = tmp_path / "prompts.txt"
+    if content == "directory":
+        f.mkdir()
+    elif isinstance(content, bytes):
+        f.write_bytes(content)
+    refused(cli("run.py", "--prompts-file", f, "--model-dir", converted[1], "--out", tmp_path / "O"), "--prompts-file")
+
+
+def test_run_never_replaces_an_existing_image(converted, tmp_path):
+    """A file of the user's at the output name survives; --overwrite is needed to replace it."""
+    _, model = converted
+    out = tmp_path / "O"
+    mine = sentinel(out, "x_seed1234.png")
+    refused(run_x(model, tmp_path, "--steps", "1", "--height", "32", "--width", "32"), "x_seed1234.png", "--overwrite")
+    assert survives(mine) and not (out / "x_seed1234.json").exists()
+    r = run_x(model, tmp_path, "--steps", "1", "--height", "32", "--width", "32", "--scale", "3", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(mine).size == (32, 32) and strict_json(out / "x_seed1234.json")["scale"] == 3.0
+
+
+def test_concurrent_runs_never_mix_pairs(converted, tmp_path):
+    """Two runs with other settings into one --out: every PNG's sidecar describes that PNG."""
+    _, model = converted
+    out = tmp_path / "O"
+    prompts = write(tmp_path / "p.txt", "a\nb\nc\nd\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--prompts-file", str(prompts), "--model-dir",
+                               str(model), "--out", str(out), "--steps", "1", "--height", "32", "--width", "32",
+                               "--scale", scale, "--overwrite"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for scale in ("2", "5")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4 and not list(out.glob(".*"))
+    for png in pngs:
+        assert strict_json(png.with_suffix(".json"))["png_sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+
+
+def test_publish_together_never_replaces_without_overwrite(tmp_path):
+    from unidiffuser.files import publish_together, temp_beside
+    mine = sentinel(tmp_path, "a.json")
+    tmp_png = temp_beside(tmp_path / "a.png", lambda p: Path(p).write_text("new png"))
+    tmp_json = temp_beside(mine, lambda p: Path(p).write_text("new json"))
+    with pytest.raises(FileExistsError, match="a.json"):
+        publish_together([(tmp_png, tmp_path / "a.png"), (tmp_json, mine)], overwrite=False)
+    assert survives(mine) and not (tmp_path / "a.png").exists() and sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+# -- the model folder: every file checked against the manifest before any weights -------------
+
+def damaged_copy(model: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "model"
+    shutil.copytree(model, bad)
+    return bad
 
 
 def test_run_detects_manifest_sha256_mismatch(converted, tmp_path):
-    import shutil
-    _, model = converted
-    bad = tmp_path / "model"
-    shutil.copytree(model, bad)
+    bad = damaged_copy(converted[1], tmp_path)
     data = bytearray((bad / "uvit.safetensors").read_bytes())
     data[-3] ^= 0xFF                                  # one flipped byte in the tensor data
     (bad / "uvit.safetensors").write_bytes(bytes(data))
-    r = cli("run.py", "--prompt", "x", "--model-dir", bad, "--steps", "1", "--out", tmp_path / "O")
-    assert r.returncode == 2 and "uvit.safetensors" in r.stderr and "sha256" in r.stderr
+    r = run_x(bad, tmp_path, "--steps", "1")
+    refused(r, "uvit.safetensors", "sha256")
     assert not list((tmp_path / "O").glob("*.png"))
 
 
-# -- bad input: convert_weights.py ---------------------------------------------------------------
+def test_run_detects_swapped_ids_in_vocab(converted, tmp_path):
+    bad = damaged_copy(converted[1], tmp_path)
+    vocab = json.loads((bad / "tokenizer" / "vocab.json").read_text())
+    vocab["dog</w>"], vocab["cat</w>"] = vocab["cat</w>"], vocab["dog</w>"]
+    (bad / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    refused(run_x(bad, tmp_path), "tokenizer/vocab.json", "sha256")
+
+
+def test_corrupt_tokenizer_vocab_is_a_clear_error(converted, tmp_path):
+    from unidiffuser.tokenizer import Tokenizer
+    folder = tmp_path / "tok"
+    shutil.copytree(converted[1] / "tokenizer", folder)
+    (folder / "vocab.json").write_text('{"a": 0, "b": "not an id"')
+    with pytest.raises(ValueError, match=r"tok: vocab.json/merges.txt are not a readable CLIP BPE tokenizer"):
+        Tokenizer(folder)
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda c, m: c["uvit"].__setitem__("embed_dim", "32"), ["config.json", "uvit.embed_dim", "positive integer", "'32'"]),
+    (lambda c, m: c["vae_decoder"].__setitem__("ch_mult", 2), ["config.json"]),
+    (lambda c, m: c.__setitem__("uvit", []), ["config.json"]),
+    (lambda c, m: m.__setitem__("files", []), ["manifest.json", '"files"']),
+    (lambda c, m: m["files"].pop("tokenizer/merges.txt"), ["manifest.json", "tokenizer/merges.txt"]),
+    (lambda c, m: m["files"]["uvit.safetensors"].__setitem__("sha256", 5), ["manifest.json", "uvit.safetensors"]),
+    (lambda c, m: m.__setitem__("format", 1), ["manifest.json", "older convert_weights.py"]),
+    (lambda c, m: m.__setitem__("random_weights", "no"), ["manifest.json", "random_weights"]),
+])
+def test_run_hand_edited_config_or_manifest(converted, tmp_path, edit, names):
+    bad = damaged_copy(converted[1], tmp_path)
+    c, m = json.loads((bad / "config.json").read_text()), json.loads((bad / "manifest.json").read_text())
+    edit(c, m)
+    (bad / "config.json").write_text(json.dumps(c))
+    (bad / "manifest.json").write_text(json.dumps(m))
+    refused(run_x(bad, tmp_path), *names)
+
+
+def test_run_manifest_not_json(converted, tmp_path):
+    bad = damaged_copy(converted[1], tmp_path)
+    (bad / "manifest.json").write_text("{")
+    refused(run_x(bad, tmp_path), "manifest.json", "not valid JSON")
+
+
+# -- convert_weights.py ----------------------------------------------------------------------
 
 def convert(src, out):
     return cli("convert_weights.py", "--preset", "tiny", "--src", src, "--out", out)
@@ -129,7 +317,10 @@ def test_convert_from_originals_round_trips(converted, tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "m32" / "manifest.json").read_text())
     assert manifest["random_weights"] is True and manifest["dtype"] == "fp32"
-    assert set(manifest["files"]) == {"text_encoder.safetensors", "uvit.safetensors", "vae_decoder.safetensors"}
+    assert set(manifest["files"]) == {"text_encoder.safetensors", "uvit.safetensors", "vae_decoder.safetensors",
+                                      "config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "m32" / name).read_bytes()).hexdigest()
     from safetensors.torch import load_file
     uvit = load_file(str(tmp_path / "m32" / "uvit.safetensors"))
     orig = torch.load(src / "uvit_v1.pth", weights_only=True)
@@ -193,21 +384,251 @@ def test_convert_unexpected_key_and_wrong_shape(converted, tmp_path):
     assert "wrong shapes: text_embed.weight (3, 3)" in r.stderr
 
 
-def test_convert_refuses_to_overwrite(converted, tmp_path):
+def test_convert_help_layout_needs_no_out():
+    r = cli("convert_weights.py", "--help-layout")
+    assert r.returncode == 0 and "uvit_v1.pth" in r.stdout and "clip-vit-large-patch14" in r.stdout
+
+
+@pytest.mark.parametrize("args, names", [
+    ([], ["--out is required"]),
+    (["--out", "m", "--random", "tiny", "--download"], ["--random and --download"]),
+    (["--out", "m", "--random", "tiny", "--preset", "v1"], ["--preset v1", "--random tiny"]),
+    (["--out", "m", "--src", "s", "--seed", "3"], ["--seed", "--random"]),
+    (["--out", "m", "--random", "tiny", "--seed", "-1"], ["--seed"]),
+    (["--out", "m"], ["--src", "--download", "--random"]),
+    (["--out", "m", "--src", "/no/such/folder"], ["--src /no/such/folder", "not found"]),
+])
+def test_convert_rejects_bad_arguments(tmp_path, args, names):
+    refused(cli("convert_weights.py", *args, cwd=tmp_path), *names)
+    assert not (tmp_path / "m").exists()
+
+
+def test_convert_out_is_a_file(converted, tmp_path):
+    mine = sentinel(tmp_path, "model")
+    refused(convert(converted[0], mine), f"--out {mine}", "not a folder")
+    assert survives(mine)
+
+
+@pytest.mark.parametrize("script", ["build_clip.py", "build_uvit.py"])
+@pytest.mark.parametrize("n", ["0", "100000"])
+def test_build_scripts_refuse_bad_batch(converted, script, n):
+    refused(cli(script, "--model-dir", converted[1], "--max-batch-size", n), "--max-batch-size", "1..4096")
+
+
+def test_convert_refuses_nonempty_out_before_any_work(converted, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    write(out / "keep.txt", "mine")
+    mine = sentinel(out)
     r = convert(converted[0], out)
-    assert r.returncode == 2 and "--overwrite" in r.stderr
-    assert (out / "keep.txt").read_text() == "mine"
+    refused(r, "--out", "--overwrite")
+    assert "reading" not in r.stderr                  # refused before the originals were read
+    assert survives(mine)
+
+
+@pytest.mark.parametrize("where", [".", "home", "/"])
+def test_convert_overwrite_never_replaces_cwd_home_or_root(tmp_path, where):
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    mine, theirs = sentinel(cwd), sentinel(home)
+    out = {".": ".", "home": str(home), "/": "/"}[where]
+    r = cli("convert_weights.py", "--random", "tiny", "--out", out, "--overwrite", cwd=cwd, env={"HOME": str(home)})
+    refused(r, f"--out {out}")
+    assert survives(mine) and survives(theirs) and sorted(os.listdir(cwd)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("out_is", ["src", "parent of src"])
+def test_convert_overwrite_never_touches_src(converted, tmp_path, out_is):
+    src = copy_originals(converted[0], tmp_path / "parent" / "src")
+    (src / "RANDOM_WEIGHTS").unlink()                 # as real originals
+    before = snapshot(src)
+    out = src if out_is == "src" else src.parent
+    r = cli("convert_weights.py", "--preset", "tiny", "--src", src, "--out", out, "--overwrite")
+    refused(r, f"--out {out}", "--src")
+    assert snapshot(src) == before
+
+
+def test_convert_overwrite_refuses_a_folder_it_did_not_write(converted, tmp_path):
+    out = tmp_path / "out"
+    mine = sentinel(out)
+    refused(cli("convert_weights.py", "--random", "tiny", "--out", out, "--overwrite"),
+            f"--out {out}", "convert_weights.py wrote")
+    assert survives(mine) and os.listdir(out) == ["keep.txt"]
+
+
+def test_convert_overwrite_refuses_a_model_folder_holding_a_users_file(converted, tmp_path):
+    out = damaged_copy(converted[1], tmp_path)
+    mine = sentinel(out / "tokenizer", "notes.txt")
+    refused(cli("convert_weights.py", "--random", "tiny", "--out", out, "--overwrite"),
+            f"--out {out}", "tokenizer/notes.txt", "did not write")
+    assert survives(mine)
+
+
+def test_convert_overwrite_replaces_its_own_folder(converted, tmp_path):
+    out = damaged_copy(converted[1], tmp_path)         # a model folder with trtllm/ in it
+    old = json.loads((out / "manifest.json").read_text())
+    r = cli("convert_weights.py", "--random", "tiny", "--seed", "5", "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    new = json.loads((out / "manifest.json").read_text())
+    assert new["files"]["uvit.safetensors"]["sha256"] != old["files"]["uvit.safetensors"]["sha256"]
+    assert not (out / "trtllm").exists()               # made from the old weights: gone with them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]     # nothing set aside is left
+
+
+def test_convert_random_never_replaces_real_originals(converted, tmp_path):
+    src = copy_originals(converted[0], tmp_path / "src")
+    (src / "RANDOM_WEIGHTS").unlink()                 # as real originals
+    before = snapshot(src)
+    r = cli("convert_weights.py", "--random", "tiny", "--src", src, "--out", tmp_path / "m")
+    refused(r, f"--src {src}", "--random would replace")
+    assert snapshot(src) == before and not (tmp_path / "m").exists()
+
+
+def test_convert_random_into_a_folder_with_a_users_file(tmp_path):
+    mine = sentinel(tmp_path / "src")
+    refused(cli("convert_weights.py", "--random", "tiny", "--src", tmp_path / "src", "--out", tmp_path / "m"), "--src")
+    assert survives(mine)
+
+
+def test_convert_download_never_replaces_placed_files(converted, tmp_path):
+    src = copy_originals(converted[0], tmp_path / "src")
+    (src / "RANDOM_WEIGHTS").unlink()
+    before = snapshot(src)
+    refused(cli("convert_weights.py", "--download", "--src", src, "--out", tmp_path / "m"),
+            f"--src {src}", "uvit_v1.pth", "--download would replace")
+    assert snapshot(src) == before
 
 
 def test_convert_offline_download_says_where_files_go(tmp_path):
-    env_r = subprocess.run(
-        [sys.executable, str(ROOT / "convert_weights.py"), "--download", "--src", str(tmp_path / "orig"), "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-    assert env_r.returncode == 2
-    for name in ("uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14"):
-        assert name in env_r.stderr
+    r = cli("convert_weights.py", "--download", "--src", tmp_path / "orig", "--out", tmp_path / "m",
+            env={"HF_HUB_OFFLINE": "1"})
+    refused(r, "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14", "--random")
     assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "orig").exists()            # it did not exist before: nothing left behind
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_failed_download_removes_only_what_it_created(tmp_path, monkeypatch, existed):
+    """huggingface_hub prints each retry line through its own handler; it must not reach ours
+    too (printed twice), and the .cache/ it made is removed (the user's folder and files stay)."""
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub.utils import logging as hub_logging
+
+    from unidiffuser import checkpoints
+    src = tmp_path / "orig"
+    mine = sentinel(src) if existed else None
+
+    def offline(repo, filename, local_dir):
+        if filename == "uvit_v1.pth":                 # the first file arrives, the second does not
+            (Path(local_dir) / ".cache" / "huggingface" / "download").mkdir(parents=True, exist_ok=True)
+            write(Path(local_dir) / filename, "downloaded")
+            return
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("network unreachable")
+
+    class Collect(logging.Handler):   # stands for the terminal handler cli.run installs on the root
+        def emit(self, record):
+            ours.append(record.getMessage())
+
+    ours, handler = [], Collect()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(checkpoints.CheckpointError, match="--random"):
+            checkpoints.download_originals(src)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [m for m in ours if "Retrying" in m]
+    assert logging.getLogger("huggingface_hub").handlers           # its own handler prints the line once
+    assert logging.getLogger("huggingface_hub").propagate           # restored afterwards
+    if existed:
+        assert survives(mine) and sorted(os.listdir(src)) == ["keep.txt"]
+    else:
+        assert not src.exists()
+
+
+def space_error(kind):
+    if kind == "OSError":
+        return OSError(errno.ENOSPC, "No space left on device")
+    if kind == "SafetensorError":
+        from safetensors import SafetensorError
+        return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                               'message: "No space left on device" })')
+    return RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+
+@pytest.mark.parametrize("kind", ["OSError", "SafetensorError", "RuntimeError"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_convert_disk_full_leaves_nothing_half_written(converted, tmp_path, monkeypatch, capsys, kind, overwrite):
+    import convert_weights
+    from unidiffuser import checkpoints, cli as cli_module, files
+    out = damaged_copy(converted[1], tmp_path) if overwrite else tmp_path / "model"
+    before = snapshot(out) if overwrite else None
+
+    def full(*args, **kwargs):
+        raise space_error(kind)
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    if kind == "RuntimeError":   # torch.save's error carries no errno: the free space tells
+        monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    with pytest.raises(SystemExit) as e:
+        cli_module.run(lambda: convert_weights.main(["--preset", "tiny", "--src", str(converted[0]), "--out", str(out)]
+                                                    + (["--overwrite"] if overwrite else [])))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "disk is full" in err and "Traceback" not in err
+    assert "uvit.safetensors" in err or "text_encoder.safetensors" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["model"] if overwrite else [])   # no temp folder left
+    if overwrite:
+        assert snapshot(out) == before
+
+
+# -- build_*.py -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["build_uvit.py", "build_decoder.py"])
+@pytest.mark.parametrize("size", ["0", "-16", "100", "100000"])
+def test_build_scripts_refuse_bad_sizes(converted, script, size):
+    refused(cli(script, "--model-dir", converted[1], "--height", size), "--height", "multiple of 16", "4096")
+    refused(cli(script, "--model-dir", converted[1], "--width", size), "--width")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt_llm") is not None,
+                    reason="tensorrt_llm is installed here; the no-TensorRT-LLM message cannot be shown")
+@pytest.mark.parametrize("script", ["build_clip.py", "build_uvit.py", "build_decoder.py"])
+def test_build_scripts_without_tensorrt_llm_exit_2(converted, tmp_path, script):
+    refused(cli(script, "--model-dir", converted[1], "--output-dir", tmp_path / "e"), "tensorrt_llm is not installed")
+    assert not (tmp_path / "e").exists()
+
+
+# -- every command: fast --help and argument errors, Ctrl-C -----------------------------------
+
+@pytest.mark.parametrize("script, bad", [
+    ("run.py", ["--model-dir", "m", "--prompt", "x", "--scale", "nan"]),
+    ("convert_weights.py", ["--random", "tiny"]),
+    ("build_clip.py", ["--max-batch-size", "0", "--model-dir", "m"]),
+    ("build_uvit.py", ["--height", "0", "--model-dir", "m"]),
+    ("build_decoder.py", ["--width", "8", "--model-dir", "m"]),
+    ("bench.py", ["--steps", "x"]),
+])
+def test_help_and_argument_errors_import_no_torch(script, bad):
+    """--help and argument errors answer before torch (seconds to import) is loaded."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules)\n"
+             "print('CODE', code, 'HEAVY', heavy, file=sys.stderr)\n")
+    for args in (["--help"], bad):
+        r = subprocess.run([sys.executable, "-c", probe, str(ROOT / script), *args], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert "HEAVY []" in r.stderr, r.stderr
+        assert ("CODE 0" if args == ["--help"] else "CODE 2") in r.stderr, r.stderr
+
+
+def test_ctrl_c_exits_130_without_traceback(capsys):
+    from unidiffuser import cli as cli_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli_module.run(interrupted)
+    assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err

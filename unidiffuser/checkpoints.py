@@ -10,7 +10,8 @@ Original files (thu-ml/unidiffuser-v1 on the hub, and openai/clip-vit-large-patc
 Converted folder (what run.py reads):
 
     config.json                ModelConfig (models/config.py) as data
-    manifest.json              per file: sha256, dtype, source; and whether the weights are random
+    manifest.json              per file (every one below): sha256 and size, for the networks also
+                               dtype and source; whether the weights are random (folders.py)
     text_encoder.safetensors   text_model.* + encode_prefix.*
     uvit.safetensors           the UViT with its original names
     vae_decoder.safetensors    decoder.* + post_quant_conv.*
@@ -20,7 +21,7 @@ Checkpoints are loaded with `torch.load(weights_only=True)` (no pickled code run
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import os
@@ -39,15 +40,15 @@ from models.text_encoder import TextEncoder, clip_text_config
 from models.uvit import UViT
 from models.vae_decoder import VAEDecoder
 
-from . import tokenizer
-from .files import current_umask, atomic_write, atomic_write_text
+from . import folders, tokenizer
+from .files import current_umask, atomic_write, atomic_write_text, write_failure
+from .folders import NETWORKS, placement_help, sha256  # noqa: F401  (sha256: also used by engine_build)
 
 log = logging.getLogger("unidiffuser")
 
 UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, CLIP_DIR = (
     "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14")
 HUB_REPO, CLIP_REPO = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
-NETWORKS = ("text_encoder", "uvit", "vae_decoder")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -176,27 +177,35 @@ def missing_originals(src: Path) -> list[str]:
     return missing
 
 
-def placement_help(src: Path) -> str:
-    return (f"Place the original files like this and pass --src {src}:\n"
-            f"  {src}/{UVIT_FILE}            from https://huggingface.co/{HUB_REPO}\n"
-            f"  {src}/{CAPTION_FILE}     from https://huggingface.co/{HUB_REPO}\n"
-            f"  {src}/{AUTOENCODER_FILE}      from https://huggingface.co/{HUB_REPO}\n"
-            f"  {src}/{CLIP_DIR}/ config.json, model.safetensors, vocab.json, merges.txt\n"
-            f"                                from https://huggingface.co/{CLIP_REPO}")
-
-
 def download_originals(src: Path) -> Path:
-    """Fetch the original files into src with huggingface_hub; offline, say what to place where."""
+    """Fetch the original files into src with huggingface_hub; offline, say what to place where.
+    On failure, what the attempt created (src itself, huggingface_hub's .cache/) is removed."""
     from huggingface_hub import hf_hub_download, snapshot_download
     src = Path(src)
+    clip = src / CLIP_DIR
+    created = [p for p in (src, src / ".cache", clip, clip / ".cache", *(src / f for f in folders.ORIGINALS))
+               if not p.exists()]
+    # huggingface_hub logs through its own handler and also propagates to ours: every retry
+    # line would print twice.
+    hub_log = logging.getLogger("huggingface_hub")
+    propagate, hub_log.propagate = hub_log.propagate, False
     try:
         for f in (UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE):
             hf_hub_download(HUB_REPO, f, local_dir=src)
-        snapshot_download(CLIP_REPO, local_dir=src / CLIP_DIR,
+        snapshot_download(CLIP_REPO, local_dir=clip,
                           allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"])
     except Exception as e:
+        for p in created:   # outermost first: removing src removes the rest
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
         raise CheckpointError(f"could not download the original weights ({type(e).__name__}: {e}).\n"
-                              + placement_help(src)) from None
+                              + placement_help(src) + "\nTo try the tool without weights: "
+                              "python convert_weights.py --random tiny --out tiny") from None
+    finally:
+        hub_log.propagate = propagate
+    (src / folders.RANDOM_MARK).unlink(missing_ok=True)   # random files it held are replaced now
     return src
 
 
@@ -276,6 +285,8 @@ def write_random_originals(src: Path, preset: str, seed: int = 0) -> ModelConfig
     cfg = PRESETS[preset]
     src = Path(src)
     (src / CLIP_DIR).mkdir(parents=True, exist_ok=True)
+    # The mark goes first: if writing stops half-way, the folder is still known as ours.
+    (src / folders.RANDOM_MARK).write_text(f"random weights, preset {preset}, seed {seed}\n")
     g = torch.Generator().manual_seed(seed)
 
     atomic_write(src / UVIT_FILE, partial(torch.save, randomize_(build("uvit", cfg), g).state_dict()))
@@ -297,27 +308,21 @@ def write_random_originals(src: Path, preset: str, seed: int = 0) -> ModelConfig
     clip_cfg = CLIPConfig(text_config=clip_text_config(d).to_dict()).to_dict()
     atomic_write_text(src / CLIP_DIR / "config.json", json.dumps(clip_cfg, indent=2, default=str))
     tokenizer.write_tokenizer_files(src / CLIP_DIR)
-    (src / "RANDOM_WEIGHTS").write_text(f"random weights, preset {preset}, seed {seed}\n")
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # The converted folder
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[str, torch.Tensor], str]],
-                    dtype: str, tokenizer_src: Path | None, random: bool, overwrite: bool = False) -> Path:
-    """Write the folder under a temporary name beside `out`, then rename: never half-written."""
+                    dtype: str, tokenizer_src: Path | None, random: bool, overwrite: bool = False,
+                    src: Path | None = None, extra=None) -> Path:
+    """Write the folder complete under a temporary name beside `out` (extra(tmp) adds to it),
+    then swap it in: the old folder (one convert_weights.py wrote, folders.check_out) is renamed
+    aside, the new one renamed in, then the old one deleted. Never half-written; a full disk is
+    a clear error and leaves the old folder as it was."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    folders.check_out(out, overwrite, src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~current_umask())
@@ -332,33 +337,88 @@ def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[
         if tokenizer_src is not None and all((Path(tokenizer_src) / f).is_file() for f in tokenizer.TOKENIZER_FILES):
             tok_dir.mkdir()
             for f in tokenizer.TOKENIZER_FILES:
-                shutil.copyfile(Path(tokenizer_src) / f, tok_dir / f)
+                try:
+                    shutil.copyfile(Path(tokenizer_src) / f, tok_dir / f)
+                except OSError as e:
+                    raise write_failure(tok_dir / f, e) from e
         else:
             tokenizer.write_tokenizer_files(tok_dir)
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        manifest = {"format": 1, "random_weights": random, "dtype": dtype, "files": files}
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        for name in folders.SMALL_FILES:
+            files[name] = {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest = {"format": folders.MARKER, "version": folders.VERSION, "random_weights": random,
+                    "dtype": dtype, "files": files}
+        atomic_write_text(tmp / folders.MANIFEST, json.dumps(manifest, indent=2))
+        if extra is not None:
+            extra(tmp)
+        swap_in(tmp, out, overwrite, src)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
 
 
+def swap_in(tmp: Path, out: Path, overwrite: bool, src: Path | None) -> None:
+    folders.check_out(out, overwrite, src)   # again: the folder may have changed while converting
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)                 # a missing or empty folder: one rename
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+def check_config_types(cfg: ModelConfig, path: Path) -> None:
+    """Each field has its default's type (a hand-edited "1536" fails here, not deep in torch)."""
+    for net in ("uvit", "text_encoder", "vae_decoder"):
+        sub = getattr(cfg, net)
+        for f in dataclasses.fields(sub):
+            v, d = getattr(sub, f.name), f.default
+            if isinstance(d, bool) or isinstance(d, str):
+                ok = type(v) is type(d)
+            elif isinstance(d, int):
+                ok = type(v) is int and v > 0
+            elif isinstance(d, float):
+                ok = type(v) in (int, float) and v > 0
+            else:   # tuple of positive ints
+                ok = isinstance(v, tuple) and len(v) > 0 and all(type(x) is int and x > 0 for x in v)
+            if not ok:
+                want = {bool: "true/false", str: "a string", int: "a positive integer",
+                        float: "a positive number"}.get(type(d), "a list of positive integers")
+                raise CheckpointError(f"{path}: {net}.{f.name} must be {want}, got {v!r}; "
+                                      "re-run convert_weights.py")
+
+
 def read_manifest(model_dir: Path) -> tuple[ModelConfig, dict]:
+    """config.json and manifest.json, checked for structure and types; no weights are read."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found (make one with convert_weights.py)")
     try:
-        cfg = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        manifest["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{model_dir}: not a converted model folder: config.json/manifest.json "
-                              f"missing or unreadable ({e}); make one with convert_weights.py") from None
+        manifest = folders.read_manifest_json(model_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    path = model_dir / "config.json"
+    try:
+        cfg = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: missing or unreadable ({e}); re-run convert_weights.py") from None
+    check_config_types(cfg, path)
     return cfg, manifest
+
+
+def verify_small_files(model_dir: Path, manifest: dict) -> None:
+    """config.json and tokenizer/ against the manifest's sha256 (the networks are checked as
+    they load): a swapped id in vocab.json changes every image."""
+    try:
+        folders.verify_files(model_dir, manifest, folders.SMALL_FILES)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, verify: bool = True) -> dict[str, torch.Tensor]:

@@ -1,5 +1,9 @@
 """What every command does around its main(): log to the terminal, and turn a bad input
-(CheckpointError and EngineError are ValueErrors) into one clear line and exit code 2."""
+(CheckpointError and EngineError are ValueErrors; a failed write is an OSError) into one clear
+line and exit code 2; Ctrl-C exits 130 without a traceback.
+
+Commands import torch and the networks inside main(), after their arguments are checked, so
+that --help and argument errors answer at once (importing torch alone takes seconds)."""
 from __future__ import annotations
 
 import logging
@@ -14,3 +18,11 @@ def run(main: Callable[[], int]) -> NoReturn:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:
+        if isinstance(e.code, str):   # SystemExit("error: ...") of a library check: an input error too
+            print(e.code if e.code.startswith("error") else f"error: {e.code}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

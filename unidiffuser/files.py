@@ -1,10 +1,19 @@
-"""Writing files so that a crash or a full disk never leaves a half-written one behind."""
+"""Writing files so that a crash or a full disk never leaves a half-written one behind, and
+publishing several files (an image and its sidecar) so that they always come from one run."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+
+class WriteError(OSError):
+    """A file that could not be written (disk full, read-only, ...). Nothing half-written stays."""
 
 
 def current_umask() -> int:
@@ -13,15 +22,43 @@ def current_umask() -> int:
     return mask
 
 
+def write_failure(path: Path, e: BaseException) -> WriteError:
+    """One clear line for a failed write. torch.save and safetensors report a full disk as
+    RuntimeError / SafetensorError without errno, so the free space is asked too."""
+    code = getattr(e, "errno", None)
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (free is not None and free < 64 << 20) or "No space left" in str(e):
+        why = "the disk is full" + (f" ({free / 2**20:.0f} MiB free)" if free is not None else "")
+    else:
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+    return WriteError(code or errno.EIO, f"{path}: could not write it ({why}); nothing half-written was left")
+
+
+def is_write_error(e: BaseException) -> bool:
+    # torch.save raises RuntimeError("[enforce fail at inline_container.cc...] file write failed"),
+    # safetensors its own SafetensorError; both mean the bytes did not reach the disk.
+    return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """write(tmp_path) fills a temporary file beside `path`, which then replaces `path` at once."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the file the usual mode
+            os.replace(tmp, path)
+        except WriteError:
+            raise
+        except Exception as e:
+            if is_write_error(e):
+                raise write_failure(path, e) from e
+            raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -29,3 +66,52 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on a folder (flock on its descriptor: no lock file is left behind),
+    so that concurrent runs publish their files one run at a time."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # closing releases the lock
+
+
+def publish_together(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
+    """Rename each finished temporary file onto its target, all under one folder lock, so that
+    files published together (a PNG and its sidecar) always come from the same run. Without
+    `overwrite` an existing target is never replaced: FileExistsError names it, and the
+    temporary files are removed."""
+    targets = [t for _, t in pairs]
+    try:
+        with folder_lock(targets[0].parent):
+            if not overwrite:
+                taken = [t for t in targets if t.exists()]
+                if taken:
+                    raise FileExistsError(errno.EEXIST, f"{taken[0]}: exists (written meanwhile by another run?); "
+                                          "not replaced without --overwrite")
+            for tmp, target in pairs:
+                os.replace(tmp, target)
+    finally:
+        for tmp, _ in pairs:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def temp_beside(path: Path, write: Callable[[str], None]) -> Path:
+    """write(tmp) fills a hidden temporary file beside `path`; returns it (for publish_together)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+    except BaseException as e:
+        os.remove(tmp)
+        if isinstance(e, Exception) and is_write_error(e) and not isinstance(e, WriteError):
+            raise write_failure(path, e) from e
+        raise
+    return Path(tmp)

@@ -181,6 +181,7 @@ class Text2Image:
             raise ValueError(f"--dtype must be one of {', '.join(checkpoints.DTYPES)}, got {dtype!r}")
         model_dir = Path(model_dir)
         cfg, manifest = checkpoints.read_manifest(model_dir)
+        checkpoints.verify_small_files(model_dir, manifest)   # config.json, tokenizer/: before any weights
         if manifest.get("random_weights"):
             log.warning("%s holds RANDOM weights (convert_weights.py --random): images will be noise", model_dir)
         net_backend = BACKENDS[backend](model_dir, cfg, manifest, torch.device(device), checkpoints.DTYPES[dtype], **backend_options)

@@ -1,0 +1,56 @@
+"""The arguments of build_clip.py, build_uvit.py and build_decoder.py, checked before anything
+heavy is imported (torch, TensorRT-LLM): --help and argument errors answer at once."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from .memory import MAX_SIDE
+
+MAX_BATCH = 4096   # as run.py's --n-samples
+NO_TRTLLM = "tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md"
+
+
+def parse_args(net: str, argv=None, sizes: bool = False, plugin: bool = False):
+    p = argparse.ArgumentParser(description=f"Build the fp16 TensorRT-LLM engine of the {net} network.")
+    p.add_argument("--model-dir", type=Path, help="converted model folder (convert_weights.py --trtllm); gives "
+                   f"the defaults MODEL/trtllm/{net} and MODEL/engines/{net}")
+    p.add_argument("--checkpoint-dir", type=Path, help=f"TensorRT-LLM checkpoint folder (default MODEL/trtllm/{net})")
+    p.add_argument("--output-dir", type=Path, help=f"engine folder to write (default MODEL/engines/{net})")
+    p.add_argument("--max-batch-size", type=int, default=4, help="most images per call (default 4)"
+                   + ("; the engine holds both CFG rows, 2x this" if net == "uvit" else ""))
+    if sizes:
+        p.add_argument("--height", type=int, help="image height in pixels the engine is built for, a multiple "
+                       f"of 16 up to {MAX_SIDE} (default: the model's, 512 for v1)")
+        p.add_argument("--width", type=int, help=f"image width in pixels, a multiple of 16 up to {MAX_SIDE} "
+                       "(default: the model's)")
+    if plugin:
+        p.add_argument("--plugin-lib", type=Path, help="plugin/build/libunidiffuser_plugins.so: GroupNorm through "
+                       "the project's plugin; without it TensorRT's own normalization is used")
+    if net == "uvit":
+        p.add_argument("--no-fused-attention", action="store_true", help="plain TensorRT ops instead of the "
+                       "bert_attention plugin")
+    args = p.parse_args(argv)
+    if args.model_dir is None and (args.checkpoint_dir is None or args.output_dir is None):
+        p.error("give --model-dir, or both --checkpoint-dir and --output-dir")
+    args.checkpoint_dir = args.checkpoint_dir or args.model_dir / "trtllm" / net
+    args.output_dir = args.output_dir or args.model_dir / "engines" / net
+    if not 1 <= args.max_batch_size <= MAX_BATCH:
+        p.error(f"--max-batch-size must be in 1..{MAX_BATCH}, got {args.max_batch_size}")
+    for name in ("height", "width") if sizes else ():
+        v = getattr(args, name)   # None is the model's default; 0 is not
+        if v is not None and (v <= 0 or v % 16 or v > MAX_SIDE):
+            p.error(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches) of at most {MAX_SIDE}, got {v}")
+    return args
+
+
+def require_tensorrt_llm(prepare):
+    """prepare(), after the checkpoint folder was checked, then: is TensorRT-LLM here at all?
+    (A ValueError: exit 2 like every other input error, before the build imports it.)"""
+    def checked(args, ckpt_config):
+        prepared = prepare(args, ckpt_config)
+        if importlib.util.find_spec("tensorrt_llm") is None:
+            raise ValueError(NO_TRTLLM)
+        return prepared
+    return checked

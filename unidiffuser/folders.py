@@ -1,0 +1,193 @@
+"""What the commands may write into or replace, decided before any work starts.
+
+A converted model folder is recognised by its manifest.json: {"format": MARKER, "version": 2,
+"files": {relative path: {"sha256", "bytes", ...}}} lists every file the folder needs
+(networks, config.json, tokenizer/). convert_weights.py --overwrite replaces only such a folder,
+and only when every file in it is one this project wrote: those listed in the manifest,
+manifest.json itself, and the TensorRT-LLM folders written from it (trtllm/<net>/ by
+convert_weights.py --trtllm, engines/<net>/ by build_*.py; both are made from the old weights,
+so they go with them). Never ".", "/", the home folder, --src or a folder containing it.
+
+No torch here: these checks run in the first second of a command.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MARKER, VERSION = "unidiffuser-model-folder", 2
+MANIFEST = "manifest.json"
+NETWORKS = ("text_encoder", "uvit", "vae_decoder")
+SMALL_FILES = ("config.json", "tokenizer/vocab.json", "tokenizer/merges.txt")
+REQUIRED = tuple(f"{n}.safetensors" for n in NETWORKS) + SMALL_FILES
+# Written from the model folder by convert_weights.py --trtllm and build_*.py.
+DERIVED = {f"trtllm/{n}/{f}" for n in NETWORKS for f in ("config.json", "rank0.safetensors")} | \
+          {f"engines/{n}/{f}" for n in NETWORKS for f in ("config.json", "rank0.engine")}
+# What --random writes in the original layouts (checkpoints.write_random_originals).
+RANDOM_MARK = "RANDOM_WEIGHTS"
+ORIGINALS = ("uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth",
+             "clip-vit-large-patch14/config.json", "clip-vit-large-patch14/model.safetensors",
+             "clip-vit-large-patch14/vocab.json", "clip-vit-large-patch14/merges.txt")
+
+
+def placement_help(src: Path) -> str:
+    hub, clip = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
+    return (f"Place the original files like this and pass --src {src}:\n"
+            f"  {src}/uvit_v1.pth            from https://huggingface.co/{hub}\n"
+            f"  {src}/caption_decoder.pth     from https://huggingface.co/{hub}\n"
+            f"  {src}/autoencoder_kl.pth      from https://huggingface.co/{hub}\n"
+            f"  {src}/clip-vit-large-patch14/ config.json, model.safetensors, vocab.json, merges.txt\n"
+            f"                                from https://huggingface.co/{clip}")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def all_files(folder: Path) -> list[str]:
+    """Relative paths of everything in folder that is not a directory (symlinks included)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            out.append(os.path.relpath(os.path.join(root, name), folder))
+    return sorted(out)
+
+
+def few(xs: list[str], n: int = 5) -> str:
+    return ", ".join(xs[:n]) + (f" and {len(xs) - n} more" if len(xs) > n else "")
+
+
+def read_manifest_json(model_dir: Path) -> dict:
+    """The manifest as data, checked for structure (not yet against the files)."""
+    path = Path(model_dir) / MANIFEST
+    hint = "make the folder with convert_weights.py"
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: missing or unreadable ({e.strerror or e}); not a converted model folder, {hint}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {hint}") from None
+    if not isinstance(m, dict) or m.get("format") != MARKER:
+        old = isinstance(m, dict) and m.get("format") == 1
+        raise ValueError(f"{path}: " + ("written by an older convert_weights.py (format 1: tokenizer/ and config.json "
+                                        "not checksummed); re-run convert_weights.py"
+                                        if old else f"not a manifest of this project (no \"format\": \"{MARKER}\"); {hint}"))
+    if m.get("version") != VERSION:
+        raise ValueError(f"{path}: version {m.get('version')!r}, this program reads version {VERSION}; "
+                         "re-run convert_weights.py")
+    files = m.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"{path}: \"files\" must map each file to its sha256 and size, got {type(files).__name__}; "
+                         "re-run convert_weights.py")
+    for name, entry in files.items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64
+                or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool)
+                or Path(name).is_absolute() or ".." in Path(name).parts):
+            raise ValueError(f"{path}: entry {name!r} is not {{\"sha256\": 64 hex digits, \"bytes\": integer}} "
+                             "of a file inside the folder; re-run convert_weights.py")
+    missing = [f for f in REQUIRED if f not in files]
+    if missing:
+        raise ValueError(f"{path}: lists no {few(missing)}; re-run convert_weights.py")
+    if not isinstance(m.get("random_weights"), bool) or m.get("dtype") not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"{path}: \"random_weights\" must be true/false and \"dtype\" fp32/fp16/bf16; "
+                         "re-run convert_weights.py")
+    return m
+
+
+def verify_files(model_dir: Path, manifest: dict, names) -> None:
+    """Each named file exists and has the manifest's sha256."""
+    for name in names:
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise ValueError(f"{path}: file not found (listed in manifest.json); re-run convert_weights.py")
+        if sha256(path) != manifest["files"][name]["sha256"]:
+            raise ValueError(f"{path}: sha256 does not match manifest.json (file changed or corrupt); "
+                             "re-run convert_weights.py")
+
+
+def foreign_files(model_dir: Path, manifest: dict) -> list[str]:
+    """Files in a model folder that this project did not write."""
+    ours = set(manifest.get("files", {})) | {MANIFEST} | DERIVED
+    return [f for f in all_files(model_dir) if f not in ours or os.path.islink(Path(model_dir) / f)]
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or inside b (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
+    """Raise ValueError unless convert_weights.py may write --out (and, with --overwrite,
+    replace what is there). Runs before any conversion work."""
+    out = Path(out)
+    real = out.resolve()
+    if real == Path(real.anchor) or real == Path.home().resolve():
+        raise ValueError(f"--out {out}: is {'the root folder' if real == Path(real.anchor) else 'your home folder'}; "
+                         "give a new folder for the converted model, e.g. --out model")
+    if _inside(Path.cwd().resolve(), real):
+        raise ValueError(f"--out {out}: is the current folder or contains it; give a new folder, e.g. --out model")
+    if src is not None and _inside(Path(src).resolve(), real):
+        raise ValueError(f"--out {out}: {'is' if Path(src).resolve() == real else 'contains'} --src {src} "
+                         "(the original files); give another folder for the converted model")
+    if out.is_symlink():
+        raise ValueError(f"--out {out}: is a symbolic link; give the folder itself")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out}: exists and is not empty (pass --overwrite to replace a model folder "
+                         "convert_weights.py wrote)")
+    try:
+        manifest = read_manifest_json(out)
+    except ValueError as e:
+        raise ValueError(f"--out {out}: --overwrite only replaces a model folder convert_weights.py wrote, "
+                         f"and this one is not ({e}); remove it yourself or choose another --out") from None
+    foreign = foreign_files(out, manifest)
+    if foreign:
+        raise ValueError(f"--out {out}: holds files convert_weights.py did not write ({few(foreign)}); "
+                         "--overwrite would delete them. Move them, or choose another --out")
+
+
+def check_random_src(src: Path) -> None:
+    """--random writes into --src: only into a new or empty folder or one --random wrote."""
+    src = Path(src)
+    if src.exists() and not src.is_dir():
+        raise ValueError(f"--src {src}: exists and is not a folder")
+    if not src.exists():
+        return
+    files = all_files(src)
+    if not files:
+        return
+    if RANDOM_MARK not in files:
+        raise ValueError(f"--src {src}: holds files --random did not write ({few(files)}); --random would replace "
+                         "them with random weights. Leave --src out (a temporary folder is used) or give a new folder")
+    foreign = [f for f in files if f not in (*ORIGINALS, RANDOM_MARK)]
+    if foreign:
+        raise ValueError(f"--src {src}: holds files --random did not write ({few(foreign)}); give a new folder")
+
+
+def check_download_src(src: Path) -> None:
+    """--download writes the original files into --src: never over files the user placed there
+    (a fine-tuned uvit_v1.pth, say). Files of an earlier download (huggingface_hub keeps their
+    metadata in .cache/huggingface/download/) or of --random may be replaced."""
+    src = Path(src)
+    if src.exists() and not src.is_dir():
+        raise ValueError(f"--src {src}: exists and is not a folder")
+    if (src / RANDOM_MARK).is_file():
+        return
+    placed = []
+    for rel in ORIGINALS:
+        p = src / rel
+        meta = p.parent / ".cache" / "huggingface" / "download" / f"{p.name}.metadata"
+        if p.exists() and not meta.is_file():
+            placed.append(rel)
+    if placed:
+        raise ValueError(f"--src {src}: already holds {few(placed)}, not from an earlier --download; --download "
+                         f"would replace them. Convert them with --src {src} (without --download), or give an empty folder")
