@@ -58,11 +58,7 @@ class TorchBackend:
     @classmethod
     def load(cls, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype,
              compile: bool = False) -> "TorchBackend":
-        nets = {}
-        for name in checkpoints.NETWORKS:
-            nets[name] = checkpoints.build(name, cfg)
-            nets[name].load_state_dict(checkpoints.load_network(model_dir, name, cfg, manifest))
-        return cls(nets, device, dtype, compile)
+        return cls(checkpoints.load_networks(model_dir, cfg, manifest, device, dtype), device, dtype, compile)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
