@@ -150,3 +150,18 @@ def test_one_capture_per_shape_across_prompts(pipe, monkeypatch):
     assert len(captures) == 4 and len(set(captures)) == 4
     assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(eager.images, out.images))
     assert "capture_s" in out.timings
+
+
+@pytest.mark.gpu
+def test_gpu_capture_once_for_many_prompts(model, caplog):
+    """On the CUDA-graph fast path: three prompts of one batch size, one capture, logged with its
+    time; the second request reports no capture time."""
+    gpu = UniDiffuser.load(model, device="cuda", dtype="fp16")
+    with caplog.at_level("INFO", logger="unidiffuser"):
+        first = gpu("a red cube", seed=1, steps=4)
+        rest = gpu(["a dog", "a cat"], seed=2, steps=4)
+    assert len(gpu.pipeline._graphs) == 1
+    assert sum("captured the sampling loop" in r.getMessage() for r in caplog.records) == 1
+    assert first.timings["capture_s"] > 0 and "capture_s" not in rest.timings
+    again = gpu("a red cube", seed=1, steps=4)
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
