@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,7 +154,7 @@ def read_text_encoder(clip_dir: Path, caption_path: Path, cfg: ModelConfig) -> d
         sd = load_safetensors(weights, prefix="text_model.")
     else:
         sd = {k: v for k, v in load_torch_file(weights).items() if k.startswith("text_model.")}
-    # Older CLIP checkpoints also saved the position_ids buffer, which transformers now rebuilds.
+    # Older CLIP checkpoints also saved the position_ids buffer; positions are implicit here.
     sd.pop("text_model.embeddings.position_ids", None)
     # Only encode_prefix of the caption decoder; DataParallel saved it as module.encode_prefix.*
     cap = load_torch_file(caption_path)
@@ -426,7 +427,7 @@ def _load_checked(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, 
         raise CheckpointError(f"{model_dir}/manifest.json: no entry for {path.name}")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (listed in the manifest; re-run convert_weights.py)")
-    data = read_bytes(path)
+    data = map_file(path)
     digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest()) if hasher is not None else None
     try:
         sd = _cast_all(tensors_from_bytes(data, str(path)), device, dtype)
@@ -460,21 +461,19 @@ def _cast_all(sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dt
     return {k: t.to(device).to(target(t)) for k, t in sd.items()}
 
 
-def read_bytes(path: Path) -> mmap.mmap:
+def map_file(path: Path) -> mmap.mmap:
     """The whole file as a private copy-on-write mapping: the page cache is mapped, not copied,
     and the tensors made from it are writable views (nothing writes them)."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise CheckpointError(f"{path}: empty file")
         mem = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        mem.madvise(MADV_POPULATE_READ)   # map the cached pages in one call, not one fault per page
-    except (OSError, ValueError):         # Linux < 5.14
-        pass
+    if sys.platform == "linux":
+        try:
+            mem.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))   # map the cached pages in one call,
+        except OSError:                                            # not one fault each (Linux >= 5.14)
+            pass
     return mem
-
-
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
