@@ -42,6 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--cfg-parallel", action="store_true", help="under torchrun --nproc-per-node 2: end to end "
                    "on one GPU against a CFG pair of two, and the per-step exchange (see cfg_parallel_main)")
+    # cold start (see cold_start below)
+    p.add_argument("--cold-start", action="store_true", help="also time process start -> first PNG written, "
+                   "ours (run.py) and diffusers (from_pretrained), as subprocesses")
+    p.add_argument("--cold-start-only", action="store_true", help="only the cold-start measurement")
+    p.add_argument("--cold-start-dir", type=Path, help="work folder of the cold start (random model folders are "
+                   "written here once and reused; default: a temporary folder)")
     return p.parse_args(argv)
 
 
@@ -225,6 +231,12 @@ def main(argv=None) -> int:
         del a, b
     print(f"# {report['device']}, torch {torch.__version__}, preset {args.preset}, {args.size}x{args.size}, "
           f"{args.steps} steps, fast path {args.dtype}", flush=True)
+    if args.cold_start or args.cold_start_only:   # first, while the GPU is still free
+        report["cold_start"] = cold_start(args, cfg)
+        if args.cold_start_only:
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2, default=str))
+            return 0
 
     t0 = time.perf_counter()
     ref, fast = build_networks(cfg, device, dtype)
@@ -539,6 +551,120 @@ def cfg_parallel_main(args) -> int:
         args.json.write_text(json.dumps(report, indent=2))
     layout.close()
     return 0
+
+
+# -- cold start ---------------------------------------------------------------------------------
+# What a user waits for: process start -> first PNG on disk, page cache warm (each folder is read
+# once before timing). Ours: `run.py` on a converted folder. diffusers: from_pretrained of a folder
+# written with save_pretrained (the same random weights' shapes), then its first image.
+
+COLD_PROMPT = "an elephant under the sea"
+
+DIFFUSERS_COLD = """
+import sys, torch
+from diffusers import UniDiffuserPipeline
+folder, device, dtype, steps, size, out = sys.argv[1:7]
+pipe = UniDiffuserPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype), text_tokenizer=None).to(device)
+pipe.set_progress_bar_config(disable=True)
+pipe.set_text_to_image_mode()
+image = pipe(prompt=sys.argv[7], num_inference_steps=int(steps), guidance_scale=7.0, height=int(size), width=int(size),
+             generator=torch.Generator(device).manual_seed(1234)).images[0]
+image.save(out)
+"""
+
+
+def cold_start(args, cfg) -> dict:
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    root = ROOT_DIR
+    work = args.cold_start_dir or Path(tempfile.mkdtemp(prefix="bench-cold-"))
+    work.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"fp16": "float16", "bf16": "bfloat16"}[args.dtype] if args.device != "cpu" else "float32"
+    ours_dtype = args.dtype if args.device != "cpu" else "fp32"
+    model = work / f"model-{args.preset}"
+    if not (model / "manifest.json").is_file():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, str(root / "convert_weights.py"), "--random", args.preset, "--src",
+                        str(work / f"src-{args.preset}"), "--out", str(model), "--overwrite"], check=True, cwd=root)
+        shutil.rmtree(work / f"src-{args.preset}", ignore_errors=True)
+        print(f"cold start: wrote {model} in {time.perf_counter() - t:.0f} s", flush=True)
+    report = {"prompt": COLD_PROMPT, "steps": args.steps, "size": args.size, "device": args.device, "ours": [], "diffusers": []}
+
+    def warm_cache(folder: Path):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+
+    def first_png(cmd, out: Path) -> tuple[float, float, str]:
+        """Seconds from before Popen to the first PNG in out, and to the process's exit."""
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        png = None
+        while png is None and proc.poll() is None:
+            png = next((time.perf_counter() - t0 for f in out.glob("*.png") if not f.name.startswith(".")), None)
+            time.sleep(0.005)
+        log = proc.communicate()[0]
+        done = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} failed ({proc.returncode}):\n{log[-2000:]}")
+        if png is None:
+            png = next((done for f in out.glob("*.png")), None)
+        return png, done, log
+
+    warm_cache(model)
+    for run in range(2):
+        out = work / f"out-ours-{run}"
+        cmd = [sys.executable, str(root / "run.py"), "--model-dir", str(model), "--prompt", COLD_PROMPT, "--out", str(out),
+               "--device", args.device, "--dtype", ours_dtype, "--steps", str(args.steps),
+               "--height", str(args.size), "--width", str(args.size)]
+        png, done, log = first_png(cmd, out)
+        r = {"to_png_s": png, "to_exit_s": done}
+        m = re.search(r"loaded in ([\d.]+) s \(imports ([\d.]+) s\)", log)
+        if m:
+            r["load_s"], r["imports_s"] = float(m.group(1)), float(m.group(2))
+        sidecar = next(out.glob("*.json"), None)
+        if sidecar is not None:
+            r.update(json.loads(sidecar.read_text())["time_per_stage_s"])
+        report["ours"].append(r)
+        print(f"cold start, ours run {run + 1}: first PNG at {png:.2f} s ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "to_png_s") + ")", flush=True)
+
+    if args.no_diffusers:
+        return report
+    try:
+        folder = work / f"diffusers-{args.preset}-{torch_dtype}"
+        if not (folder / "model_index.json").is_file():
+            with tempfile.TemporaryDirectory() as tok_dir:
+                make_tokenizer(Path(tok_dir))
+                pipe = diffusers_pipeline(cfg, Path(tok_dir), "cpu", getattr(torch, torch_dtype))
+                # GPT-2's tied lm_head/wte cannot be saved as safetensors; the tiny decoder is unused
+                head = pipe.text_decoder.transformer.lm_head
+                head.weight = torch.nn.Parameter(head.weight.detach().clone())
+                pipe.save_pretrained(str(folder))
+            del pipe
+        warm_cache(folder)
+        script = work / "diffusers_cold.py"
+        script.write_text(DIFFUSERS_COLD)
+        for run in range(2):
+            out = work / f"out-diffusers-{run}"
+            cmd = [sys.executable, str(script), str(folder), args.device, torch_dtype, str(args.steps), str(args.size),
+                   str(out / "image.png"), COLD_PROMPT]
+            png, done, _ = first_png(cmd, out)
+            report["diffusers"].append({"to_png_s": png, "to_exit_s": done})
+            print(f"cold start, diffusers run {run + 1}: first PNG at {png:.2f} s", flush=True)
+    except (ImportError, RuntimeError, OSError) as e:   # the peer failing must not lose our numbers
+        print(f"cold start, diffusers not measured: {type(e).__name__}: {e}", flush=True)
+    return report
+
+
+ROOT_DIR = Path(__file__).resolve().parent
 
 
 if __name__ == "__main__":

@@ -22,13 +22,20 @@ Checkpoints are loaded with `torch.load(weights_only=True)` (no pickled code run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
+import mmap
 import os
 import shutil
+import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -56,9 +63,15 @@ class CheckpointError(ValueError):
     """A checkpoint or model folder that is missing, unreadable or of the wrong layout."""
 
 
-def build(name: str, cfg: ModelConfig) -> nn.Module:
-    return {"text_encoder": lambda: TextEncoder(cfg.text_encoder), "uvit": lambda: UViT(cfg.uvit),
-            "vae_decoder": lambda: VAEDecoder(cfg.vae_decoder)}[name]()
+def build(name: str, cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
+    """The network with torch's default initialisation; on device "meta" it has shapes only
+    (built in milliseconds, to be filled with load_state_dict(assign=True))."""
+    make = {"text_encoder": lambda: TextEncoder(cfg.text_encoder), "uvit": lambda: UViT(cfg.uvit),
+            "vae_decoder": lambda: VAEDecoder(cfg.vae_decoder)}[name]
+    if device is None:
+        return make()
+    with torch.device(device):
+        return make()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +134,7 @@ def read_uvit(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd = load_torch_file(path)
     hint = ("This looks like a UniDiffuser-v0 UViT (no data-type token); v1 (uvit_v1.pth) is expected."
             if "token_embedding.weight" not in sd and "pos_embed" in sd else "")
-    check_state_dict(build("uvit", cfg), sd, str(path), hint)
+    check_state_dict(build("uvit", cfg, device="meta"), sd, str(path), hint)
     return sd
 
 
@@ -129,7 +142,7 @@ def read_vae_decoder(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd = load_torch_file(path)
     # The encoder half is expected in the file and not needed; anything else must match.
     sd = {k: v for k, v in sd.items() if not k.startswith(("encoder.", "quant_conv."))}
-    check_state_dict(build("vae_decoder", cfg), sd, str(path))
+    check_state_dict(build("vae_decoder", cfg, device="meta"), sd, str(path))
     return sd
 
 
@@ -143,7 +156,7 @@ def read_text_encoder(clip_dir: Path, caption_path: Path, cfg: ModelConfig) -> d
         sd = load_safetensors(weights, prefix="text_model.")
     else:
         sd = {k: v for k, v in load_torch_file(weights).items() if k.startswith("text_model.")}
-    # Older CLIP checkpoints also saved the position_ids buffer, which transformers now rebuilds.
+    # Older CLIP checkpoints also saved the position_ids buffer; positions are implicit here.
     sd.pop("text_model.embeddings.position_ids", None)
     # Only encode_prefix of the caption decoder; DataParallel saved it as module.encode_prefix.*
     cap = load_torch_file(caption_path)
@@ -153,7 +166,7 @@ def read_text_encoder(clip_dir: Path, caption_path: Path, cfg: ModelConfig) -> d
             raise CheckpointError(f"{caption_path}: no encode_prefix.{name} (expected the caption decoder "
                                   f"of {HUB_REPO}, with keys module.encode_prefix.*)")
         sd[f"encode_prefix.{name}"] = cap[key]
-    check_state_dict(build("text_encoder", cfg), sd, f"{weights} + {caption_path}")
+    check_state_dict(build("text_encoder", cfg, device="meta"), sd, f"{weights} + {caption_path}")
     return sd
 
 
@@ -421,17 +434,149 @@ def verify_small_files(model_dir: Path, manifest: dict) -> None:
         raise CheckpointError(str(e)) from None
 
 
-def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, verify: bool = True) -> dict[str, torch.Tensor]:
-    """One network's state dict from the converted folder, checked against the manifest."""
-    path = Path(model_dir) / f"{name}.safetensors"
+def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, verify: bool = True,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One network's state dict from the converted folder, checked against the manifest (sha256
+    of the bytes read, names, shapes), floating tensors cast to dtype (default: as stored) on device."""
+    hasher = ThreadPoolExecutor(1) if verify else None
+    try:
+        return _load_checked(Path(model_dir), name, cfg, manifest, hasher, torch.device(device), dtype)()
+    finally:
+        if hasher is not None:
+            hasher.shutdown()
+
+
+def load_networks(model_dir: Path, cfg: ModelConfig, manifest: dict, device: str | torch.device,
+                  dtype: torch.dtype) -> dict[str, nn.Module]:
+    """The three networks, built without initialisation (on the meta device) and filled with the
+    folder's tensors in dtype on device. Each file is read once; its sha256 is computed from those
+    bytes in a thread (hashlib releases the GIL) while the tensors are cast and moved."""
+    model_dir, device = Path(model_dir), torch.device(device)
+    t0 = time.perf_counter()
+    nets = {}
+    # On the CPU the hash threads and torch's cast threads share few cores: casting on one thread
+    # keeps torch's workers from spinning at barriers while a hash holds their core.
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(NETWORKS)) as hasher:
+            # Largest file first: its hash takes longest and starts earliest.
+            order = sorted(NETWORKS, key=lambda n: -manifest["files"].get(f"{n}.safetensors", {}).get("bytes", 0))
+            pending = [(name, _load_checked(model_dir, name, cfg, manifest, hasher, device, dtype)) for name in order]
+            for name, finish in pending:
+                nets[name] = build(name, cfg, device="meta")
+                nets[name].load_state_dict(finish(), assign=True)
+    finally:
+        torch.set_num_threads(threads)
+    for name, net in nets.items():
+        left = [k for k, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+        if left:   # a buffer outside the state dict that the module did not compute itself
+            raise CheckpointError(f"{name}: not filled from {name}.safetensors: {', '.join(left[:6])}")
+    size = sum(manifest["files"][f"{n}.safetensors"].get("bytes", 0) for n in NETWORKS) / 1e9
+    log.info("loaded %s (%.2f GB, sha256 checked) in %.2f s", ", ".join(NETWORKS), size, time.perf_counter() - t0)
+    return {name: nets[name] for name in NETWORKS}
+
+
+def _load_checked(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, hasher: ThreadPoolExecutor | None,
+                  device: torch.device, dtype: torch.dtype | None) -> Callable[[], dict[str, torch.Tensor]]:
+    """Read the file once and start hashing those bytes; the returned function waits for the hash,
+    and returns the checked state dict (its tensors cast and moved while the hash ran)."""
+    path = model_dir / f"{name}.safetensors"
     entry = manifest["files"].get(path.name)
     if entry is None:
         raise CheckpointError(f"{model_dir}/manifest.json: no entry for {path.name}")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (listed in the manifest; re-run convert_weights.py)")
-    if verify and sha256(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: sha256 does not match manifest.json (file changed or corrupt; "
-                              f"re-run convert_weights.py)")
-    sd = load_safetensors(path)
-    check_state_dict(build(name, cfg), sd, str(path))
-    return sd
+    data = map_file(path)
+    digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest()) if hasher is not None else None
+    try:
+        sd = _cast_all(tensors_from_bytes(data, str(path)), device, dtype)
+    except CheckpointError:
+        if digest is not None and digest.result() != entry["sha256"]:
+            raise _sha_mismatch(path) from None
+        raise
+
+    def finish() -> dict[str, torch.Tensor]:
+        if digest is not None and digest.result() != entry["sha256"]:
+            raise _sha_mismatch(path)
+        check_state_dict(build(name, cfg, device="meta"), sd, str(path))
+        return sd
+
+    return finish
+
+
+def _sha_mismatch(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: sha256 does not match manifest.json (file changed or corrupt; "
+                           f"re-run convert_weights.py)")
+
+
+def _cast_all(sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating tensors in dtype on device. Tensors already in dtype on the CPU stay views of the
+    mapped file; on an accelerator the cast runs there (the host may have few cores)."""
+    def target(t):
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    if device.type == "cpu":
+        return {k: t.to(target(t)) for k, t in sd.items()}
+    return {k: t.to(device).to(target(t)) for k, t in sd.items()}
+
+
+def map_file(path: Path) -> mmap.mmap:
+    """The whole file as a private copy-on-write mapping: the page cache is mapped, not copied,
+    and the tensors made from it are writable views (nothing writes them)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CheckpointError(f"{path}: empty file")
+        mem = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if sys.platform == "linux":
+        try:
+            mem.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))   # map the cached pages in one call,
+        except OSError:                                            # not one fault each (Linux >= 5.14)
+            pass
+    return mem
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def tensors_from_bytes(data: bytearray, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in memory, as views of it (no copy): safetensors' own
+    loaders open the file themselves, and here the hash and the tensors share one read. The format is
+    an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then
+    the raw data; everything the header claims is checked against the buffer before a view is made."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{source}: not a readable safetensors file ({why})")
+
+    if len(data) < 8:
+        raise bad("shorter than its header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise bad("header length beyond the end of the file")
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    start, size = 8 + n, len(data) - 8 - n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"entry {name!r} has a bad or unsupported dtype/shape/data_offsets ({e!r})") from None
+        numel = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != numel * dtype.itemsize:
+            raise bad(f"entry {name!r}: shape {shape} {info['dtype']} does not fit data_offsets {[begin, end]}")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin).view(shape)
+    return out

@@ -6,7 +6,9 @@ only in how they run the networks.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -58,11 +60,7 @@ class TorchBackend:
     @classmethod
     def load(cls, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype,
              compile: bool = False) -> "TorchBackend":
-        nets = {}
-        for name in checkpoints.NETWORKS:
-            nets[name] = checkpoints.build(name, cfg)
-            nets[name].load_state_dict(checkpoints.load_network(model_dir, name, cfg, manifest))
-        return cls(nets, device, dtype, compile)
+        return cls(checkpoints.load_networks(model_dir, cfg, manifest, device, dtype), device, dtype, compile)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
@@ -84,11 +82,15 @@ class TorchBackend:
         key = (name, x.shape, x.dtype)
         if key not in self._graphs:
             static = x.clone()
+            t0 = time.perf_counter()
             try:
                 self._graphs[key] = (static, *capture_graph(lambda: fn(static)))
             except RuntimeError as e:   # a network that syncs with the host cannot be captured
                 log.warning("%s runs eagerly: CUDA graph capture failed (%s)", name, e)
                 self._graphs[key] = None
+            torch.cuda.synchronize()
+            log.info("captured the %s for input %s in %.2f s (once per shape)", name.replace("_", " "),
+                     "x".join(map(str, x.shape)), time.perf_counter() - t0)
         if self._graphs[key] is None:
             return fn(x)
         static, graph, out = self._graphs[key]
@@ -97,13 +99,15 @@ class TorchBackend:
         return out.clone()
 
 
-def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Run fn once on a side stream (handles, autotuning, compilation happen there), then
-    capture it. Replaying the graph recomputes the returned tensor from fn's current inputs."""
+def capture_graph(fn: Callable[[], torch.Tensor], warmup: Callable[[], object] | None = None
+                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run warmup (default: fn) once on a side stream, so that handles, autotuning and compilation
+    happen outside the capture, then capture fn. Replaying the graph recomputes the returned
+    tensor from fn's current inputs."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn()
+        (warmup or fn)()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -171,6 +175,7 @@ class Text2Image:
         self.cfg_pair = cfg_pair      # under torchrun: run only this rank's half of the CFG rows
         self.device, self.dtype = backend.device, backend.dtype
         self._graphs: dict[tuple, _GraphedLoop] = {}
+        self.load_timings: dict[str, float] = {}
 
     @classmethod
     def from_dir(cls, model_dir: Path, device: str | torch.device, dtype: str = "fp32", backend: str = "torch",
@@ -180,12 +185,19 @@ class Text2Image:
         if dtype not in checkpoints.DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(checkpoints.DTYPES)}, got {dtype!r}")
         model_dir = Path(model_dir)
+        t0, started = time.perf_counter(), process_age_s()
         cfg, manifest = checkpoints.read_manifest(model_dir)
         checkpoints.verify_small_files(model_dir, manifest)   # config.json, tokenizer/: before any weights
         if manifest.get("random_weights"):
             log.warning("%s holds RANDOM weights (convert_weights.py --random): images will be noise", model_dir)
         net_backend = BACKENDS[backend](model_dir, cfg, manifest, torch.device(device), checkpoints.DTYPES[dtype], **backend_options)
-        return cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest, cfg_pair)
+        pipe = cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest, cfg_pair)
+        pipe.load_timings = {"load_s": time.perf_counter() - t0}
+        if started is not None:     # what the process did before: mostly imports
+            pipe.load_timings["imports_s"] = started
+        log.info("loaded in %.2f s (imports %s)", pipe.load_timings["load_s"],
+                 "unknown" if started is None else f"{started:.2f} s")
+        return pipe
 
     # -- the pipeline ---------------------------------------------------------------------------
 
@@ -245,28 +257,38 @@ class Text2Image:
         with self._timed(timings, "encode_s"):
             ids = self.tokenizer(req.prompts).to(self.device)
             text = self.backend.encode_text(ids).float()
-        with self._timed(timings, "sample_s"):
+        with self._timed(timings, "sample_s"):   # less capture_s, when this request captured
             z, clip_img, text_uncond = self.initial_noise(req.seeds, req.steps, h, w)
             x = torch.cat([z.flatten(1), clip_img.flatten(1)], dim=1)
             if getattr(self.backend, "graph_safe", False):
-                x = self.sample_graphed(x, text, text_uncond, z.shape[1:], req, progress)
+                x = self.sample_graphed(x, text, text_uncond, z.shape[1:], req, progress, timings)
             else:
                 fn = self.noise_fn(text, text_uncond, z.shape[1:], req.scale)
                 x = sampler.sample(fn, x, sampler.plan(req.steps), callback=progress)
+        if "capture_s" in timings:
+            timings["sample_s"] -= timings["capture_s"]
         with self._timed(timings, "decode_s"):
             z = x[:, :z[0].numel()].reshape(z.shape)
             img = self.backend.decode(z.to(self.dtype)).float()
             images = to_uint8(img)
         return Result(images, timings)
 
-    def sample_graphed(self, x, text, text_uncond, z_shape, req: Request, progress=None) -> torch.Tensor:
+    def sample_graphed(self, x, text, text_uncond, z_shape, req: Request, progress=None,
+                       timings: dict | None = None) -> torch.Tensor:
         """The whole sampling loop as one CUDA graph: its schedule is static, its random draws
         are inputs, so after one capture per (batch, size, steps, scale) a request is three
         copies and one replay, with no host work or synchronisation between the 50 UViT calls."""
-        key = (tuple(z_shape), x.shape, text.shape, req.steps, req.scale)   # h x w and w x h flatten alike
+        key = graph_key(x, text, z_shape, req)
         loop = self._graphs.get(key)
         if loop is None:
+            t0 = time.perf_counter()
             loop = self._graphs[key] = _GraphedLoop(self, x, text, text_uncond, z_shape, req)
+            if timings is not None:
+                torch.cuda.synchronize()
+                timings["capture_s"] = time.perf_counter() - t0
+            log.info("captured the sampling loop for batch %d, %dx%d latents, %d steps, scale %g in %.2f s "
+                     "(once per batch, size, steps and scale)", text.shape[0], z_shape[-2], z_shape[-1],
+                     req.steps, req.scale, time.perf_counter() - t0)
         out = loop.run(x, text, text_uncond)
         if progress is not None:
             for k in range(req.steps):
@@ -283,6 +305,12 @@ class Text2Image:
         timings[key] = time.perf_counter() - t0
 
 
+def graph_key(x: torch.Tensor, text: torch.Tensor, z_shape, req: Request) -> tuple:
+    """What a captured sampling loop is specific to: shapes, steps and scale, never the prompts,
+    seeds or noise (those are copied into the graph's inputs)."""
+    return (tuple(z_shape), tuple(x.shape), tuple(text.shape), req.steps, float(req.scale))   # h x w and w x h flatten alike
+
+
 class _GraphedLoop:
     def __init__(self, pipe: Text2Image, x, text, text_uncond, z_shape, req: Request):
         self.x, self.text, self.text_uncond = x.clone(), text.clone(), text_uncond.clone()
@@ -290,7 +318,11 @@ class _GraphedLoop:
         # keep it alive as long as the graph, or replays read freed memory.
         self.fn = fn = pipe.noise_fn(self.text, self.text_uncond, z_shape, req.scale)
         p = sampler.plan(req.steps)
-        self.graph, self.out = capture_graph(lambda: sampler.sample(fn, self.x, p))
+        # The first solver step (<= 3 model calls) runs every kernel the loop runs, at the same
+        # shapes; warming up with the whole loop would double the first request's time.
+        first = dataclasses.replace(p, solver_steps=p.solver_steps[:1])
+        self.graph, self.out = capture_graph(lambda: sampler.sample(fn, self.x, p),
+                                             warmup=lambda: sampler.sample(fn, self.x.clone(), first))
 
     def run(self, x, text, text_uncond) -> torch.Tensor:
         self.x.copy_(x)
@@ -298,6 +330,16 @@ class _GraphedLoop:
         self.text_uncond.copy_(text_uncond)
         self.graph.replay()
         return self.out.clone()
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where that is not known."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""The Python API (load once, generate many) and the load path under it, on the CPU with the
+tiny preset: reproducible by seed, PIL images of the asked size, timings, the same pixels as
+run.py, clear errors; networks filled straight from the files; one graph capture per shape."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unidiffuser import UniDiffuser, checkpoints, pipeline, sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(script, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    r = cli("convert_weights.py", "--random", "tiny", "--src", base / "src", "--out", base / "model")
+    assert r.returncode == 0, r.stderr
+    return base / "model"
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return UniDiffuser.load(model, device="cpu")
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img.convert("RGB"))
+
+
+def test_generate_twice_reproduces_by_seed(pipe):
+    a = pipe("a red cube", seed=7, n=2, steps=3, height=64, width=96)
+    b = pipe("a red cube", seed=7, n=2, steps=3, height=64, width=96)
+    c = pipe("a red cube", seed=8, n=1, steps=3, height=64, width=96)
+    assert len(a.images) == 2 and a.seeds == [7, 8] and a.prompts == ["a red cube"] * 2
+    for img in a.images:
+        assert isinstance(img, Image.Image) and img.size == (96, 64) and img.mode == "RGB"
+    assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
+    assert not np.array_equal(pixels(a.images[0]), pixels(a.images[1]))      # seeds 7 and 8 in one batch
+    assert not np.array_equal(pixels(a.images[0]), pixels(c.images[0]))      # seed 7 vs 8
+    assert {"encode_s", "sample_s", "decode_s", "total_s"} <= set(a.timings)
+    assert all(v >= 0 for v in a.timings.values()) and a.timings["total_s"] > 0
+    assert set(pipe.load_timings) >= {"load_s"} and pipe.load_timings["load_s"] > 0
+
+
+def test_list_of_prompts_and_explicit_seeds(pipe, tmp_path):
+    out = pipe(["a dog", "a cat"], seeds=[3, 11], steps=2, height=32, width=32)
+    assert out.prompts == ["a dog", "a cat"] and out.seeds == [3, 11]
+    alone = pipe("a cat", seed=11, steps=2, height=32, width=32)
+    assert np.array_equal(pixels(out.images[1]), pixels(alone.images[0]))
+    paths = out.save(tmp_path / "saved")
+    assert [p.name for p in paths] == ["a-dog_seed3.png", "a-cat_seed11.png"]
+    side = json.loads(paths[1].with_suffix(".json").read_text())
+    assert side["prompt"] == "a cat" and side["seed"] == 11 and side["steps"] == 2 and side["dtype"] == "fp32"
+
+
+def test_same_pixels_as_run_py(pipe, model, tmp_path):
+    r = cli("run.py", "--prompt", "a dog under the sea", "--n-samples", "2", "--seed", "5", "--model-dir", model,
+            "--steps", "3", "--height", "48", "--width", "64", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = pipe("a dog under the sea", seed=5, n=2, steps=3, height=48, width=64)
+    for img, seed in zip(out.images, out.seeds):
+        written = Image.open(tmp_path / f"a-dog-under-the-sea_seed{seed}.png")
+        assert np.array_equal(pixels(written), pixels(img))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=[]), "at least one prompt"),
+    (dict(prompt="x", n=0), "--n-samples must be >= 1"),
+    (dict(prompt="x", height=40), "--height must be a positive multiple of 16"),
+    (dict(prompt="x", steps=0), "--steps must be >= 1"),
+    (dict(prompt=["x", "y"], seeds=[1]), "one per image"),
+])
+def test_bad_arguments_raise_value_error(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
+
+
+def test_load_errors_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="model folder not found"):
+        UniDiffuser.load(tmp_path / "nothing", device="cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        UniDiffuser.load(tmp_path, device="cpu", backend="onnx")
+
+
+def test_networks_filled_from_files_in_target_dtype(model):
+    """Built on the meta device, every parameter comes from the file, cast once to the dtype."""
+    cfg, manifest = checkpoints.read_manifest(model)
+    nets = checkpoints.load_networks(model, cfg, manifest, "cpu", torch.bfloat16)
+    for name, net in nets.items():
+        sd = checkpoints.load_network(model, name, cfg, manifest)
+        tensors = dict(net.named_parameters()) | dict(net.named_buffers())
+        assert set(tensors) == set(sd)
+        for k, t in tensors.items():
+            assert not t.is_meta and t.device.type == "cpu" and t.dtype == torch.bfloat16, k
+            assert torch.equal(t, sd[k].to(torch.bfloat16)), k
+
+
+def test_truncated_file_is_a_clear_error(model, tmp_path):
+    import shutil
+    bad = shutil.copytree(model, tmp_path / "m")
+    path = bad / "vae_decoder.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    cfg, manifest = checkpoints.read_manifest(bad)
+    with pytest.raises(checkpoints.CheckpointError, match="vae_decoder.safetensors: sha256 does not match"):
+        checkpoints.load_networks(bad, cfg, manifest, "cpu", torch.float32)
+    # Unverified, the broken layout itself is reported.
+    with pytest.raises(checkpoints.CheckpointError, match="not a readable safetensors file"):
+        checkpoints.load_network(bad, "vae_decoder", cfg, manifest, verify=False)
+
+
+def test_one_capture_per_shape_across_prompts(pipe, monkeypatch):
+    """A --prompts-file of many prompts pays the sampling-loop capture once per batch, size,
+    steps and scale. The capture is replaced by an eager stand-in here (no GPU); the cache and
+    its key are the real ones."""
+    captures = []
+
+    class EagerLoop:
+        def __init__(self, p, x, text, text_uncond, z_shape, req):
+            captures.append(pipeline.graph_key(x, text, z_shape, req))
+            self.p, self.z_shape, self.req = p, z_shape, req
+
+        def run(self, x, text, text_uncond):
+            fn = self.p.noise_fn(text, text_uncond, self.z_shape, self.req.scale)
+            return sampler.sample(fn, x, sampler.plan(self.req.steps))
+
+    t2i = pipe.pipeline
+    eager = pipe(["a", "b"], seed=1, steps=2, height=32, width=32)
+    monkeypatch.setattr(pipeline, "_GraphedLoop", EagerLoop)
+    monkeypatch.setattr(t2i.backend, "graph_safe", True, raising=False)
+    monkeypatch.setattr(t2i, "_graphs", {})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    out = pipe(["a", "b", "a much longer prompt about the sea"], seed=1, steps=2, height=32, width=32)
+    assert len(captures) == 1
+    pipe(["c"], seed=1, n=2, steps=2, height=32, width=32)       # another batch size: a new capture
+    pipe(["c"], seed=1, steps=2, height=32, width=48)           # another size
+    pipe(["c"], seed=1, steps=3, height=32, width=32)           # other steps
+    assert len(captures) == 4 and len(set(captures)) == 4
+    assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(eager.images, out.images))
+    assert "capture_s" in out.timings
+
+
+@pytest.mark.gpu
+def test_gpu_capture_once_for_many_prompts(model, caplog):
+    """On the CUDA-graph fast path: three prompts of one batch size, one capture, logged with its
+    time; the second request reports no capture time."""
+    gpu = UniDiffuser.load(model, device="cuda", dtype="fp16")
+    with caplog.at_level("INFO", logger="unidiffuser"):
+        first = gpu("a red cube", seed=1, steps=4)
+        rest = gpu(["a dog", "a cat"], seed=2, steps=4)
+    assert len(gpu.pipeline._graphs) == 1
+    assert sum("captured the sampling loop" in r.getMessage() for r in caplog.records) == 1
+    assert first.timings["capture_s"] > 0 and "capture_s" not in rest.timings
+    again = gpu("a red cube", seed=1, steps=4)
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))

@@ -1,0 +1,143 @@
+"""Load once, generate many: the Python API.
+
+    from unidiffuser import UniDiffuser
+    pipe = UniDiffuser.load("model")                      # cuda + fp16 when there is a GPU
+    out = pipe("an elephant under the sea", seed=1234, n=2)
+    out.images[0].save("elephant.png")                    # PIL images; out.seeds, out.timings
+
+Each prompt's n images run as one batch; image i, counting over all prompts, uses seed + i (or
+seeds[i]), so any image reproduces alone, and the same arguments give what `run.py` writes.
+One request runs at a time per pipeline (a lock): the captured CUDA graphs and their input
+buffers are shared by all calls.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .files import atomic_write, atomic_write_text
+from .pipeline import BACKENDS, Request, Text2Image
+
+
+@dataclass
+class Generation:
+    images: list                      # PIL.Image.Image, RGB, one per (prompt, sample)
+    prompts: list[str]                # the prompt of each image
+    seeds: list[int]                  # the seed of each image
+    settings: dict                    # steps, scale, height, width, batch, backend, dtype, device, ...
+    timings: dict[str, float] = field(default_factory=dict)   # seconds: encode/sample/decode/capture, total
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write each image as PROMPT-SLUG_seedN.png with a JSON sidecar (prompt, seed, settings,
+        timings of its batch) into folder; returns the PNG paths. Files are written whole or not at all."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for img, prompt, seed, t in zip(self.images, self.prompts, self.seeds, self._batch_timings):
+            stem = folder / f"{slug(prompt)}_seed{seed}"
+            atomic_write(stem.with_suffix(".png"), lambda p: img.save(p, format="PNG"))
+            sidecar = {"prompt": prompt, "seed": seed, **self.settings,
+                       "time_per_stage_s": {k: round(v, 4) for k, v in t.items()}}
+            atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+            paths.append(stem.with_suffix(".png"))
+        return paths
+
+    _batch_timings: list[dict] = field(default_factory=list, repr=False)   # per image: its batch's stages
+
+
+def slug(text: str, n: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
+
+
+class UniDiffuser:
+    """A converted model folder loaded once (see `load`); call it with prompts to get images."""
+
+    def __init__(self, pipeline: Text2Image, model_dir: Path, backend: str):
+        self.pipeline, self.model_dir, self.backend = pipeline, Path(model_dir), backend
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
+             backend: str = "torch", compile: bool = False, engine_dir: str | Path | None = None) -> "UniDiffuser":
+        """device: "cuda" (default when available) or "cpu"; dtype: fp16 (default on CUDA), bf16 or
+        fp32 (default on the CPU, the reference); backend "torch" or "trtllm" (engine_dir, default
+        MODEL_DIR/engines). Raises ValueError (CheckpointError) with one clear line on bad input."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: no CUDA device is available here (use device='cpu')")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        dtype = dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
+        options = {"compile": True} if compile else {}
+        if backend == "trtllm":
+            if compile:
+                raise ValueError("compile is an option of the torch backend")
+            options = {"engine_dir": None if engine_dir is None else Path(engine_dir)}
+        return cls(Text2Image.from_dir(model_dir, device, dtype, backend, **options), Path(model_dir), backend)
+
+    @property
+    def default_size(self) -> int:
+        return self.pipeline.cfg.default_size
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.pipeline.manifest.get("random_weights"))
+
+    @property
+    def load_timings(self) -> dict[str, float]:
+        """load_s (reading, checking and placing the weights) and imports_s (process start to loading)."""
+        return dict(self.pipeline.load_timings)
+
+    def __call__(self, prompt: str | Sequence[str], seed: int = 1234, n: int = 1, steps: int = 50, scale: float = 7.0,
+                 height: int | None = None, width: int | None = None, seeds: Sequence[int] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Generation:
+        """Images for one prompt or a list of prompts, n per prompt (one batch each).
+
+        seeds: one per image (len(prompts) * n), instead of seed, seed + 1, ...; progress(batch, step)
+        is called after each sampling step of each batch (on the CUDA-graph path, at its end)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("give at least one prompt (a string or a list of strings)")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"--n-samples must be >= 1, got {n}")
+        total = len(prompts) * n
+        if seeds is None:
+            seeds = [seed + i for i in range(total)]
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != total:
+            raise ValueError(f"seeds: need one per image ({len(prompts)} prompt(s) x {n}), got {len(seeds)}")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        batches = [Request([p] * n, seeds[i * n:(i + 1) * n], steps, scale, height, width) for i, p in enumerate(prompts)]
+        batches[0].validate()      # all batches share the settings: bad ones fail before any work
+
+        from PIL import Image
+
+        images, per_image, timings = [], [], {}
+        t0 = time.perf_counter()
+        with self._lock:
+            for b, req in enumerate(batches):
+                cb = None if progress is None else (lambda k, b=b: progress(b, k))
+                result = self.pipeline(req, progress=cb)
+                images += [Image.fromarray(img.numpy()) for img in result.images]
+                per_image += [dict(result.timings_s)] * n
+                for k, v in result.timings_s.items():
+                    timings[k] = timings.get(k, 0.0) + v
+        timings["total_s"] = time.perf_counter() - t0
+        p = self.pipeline
+        settings = {"steps": steps, "scale": scale, "height": height, "width": width, "batch": n,
+                    "backend": self.backend, "dtype": _dtype_name(p.dtype), "device": str(p.device),
+                    "model_dir": str(self.model_dir), "random_weights": self.random_weights}
+        return Generation(images, [p for p in prompts for _ in range(n)], seeds, settings, timings, per_image)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    from .checkpoints import DTYPES
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
