@@ -276,7 +276,7 @@ def test_corrupt_tokenizer_vocab_is_a_clear_error(converted, tmp_path):
     folder = tmp_path / "tok"
     shutil.copytree(converted[1] / "tokenizer", folder)
     (folder / "vocab.json").write_text('{"a": 0, "b": "not an id"')
-    with pytest.raises(ValueError, match=r"tok: vocab.json/merges.txt are not a readable CLIP BPE tokenizer"):
+    with pytest.raises(ValueError, match=r"tok/vocab.json: not a readable JSON vocabulary"):
         Tokenizer(folder)
 
 
