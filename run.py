@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -99,14 +98,11 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: not a writable folder ({e.strerror or e})") from None
 
 
-def slug(text: str, n: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
-
-
 def plan_outputs(prompts: list[str], args) -> list[tuple[str, int, Path]]:
     """Image i: prompt i // n_samples, seed --seed + i, and the PNG path it is written to."""
+    from unidiffuser.files import image_name
     each = [p for p in prompts for _ in range(args.n_samples)]
-    return [(p, args.seed + i, args.out / f"{slug(p)}_seed{args.seed + i}.png") for i, p in enumerate(each)]
+    return [(p, args.seed + i, args.out / image_name(p, args.seed + i)) for i, p in enumerate(each)]
 
 
 def resolve_device(requested: str | None) -> str:
@@ -134,24 +130,6 @@ def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: i
         weights += stored   # the state dicts are in memory while the networks load
     memory.check_fits(cfg, batch, height or cfg.default_size, width or cfg.default_size, dtype, weights, steps,
                       device, graphs=device.startswith("cuda") and dtype != "fp32")
-
-
-def write_image(png: Path, img, sidecar: dict, overwrite: bool) -> None:
-    """The PNG and its sidecar are written under temporary names, then renamed together under a
-    lock on the folder: a pair always comes from one run, even with concurrent runs."""
-    from PIL import Image
-
-    from unidiffuser.files import publish_together, temp_beside
-    from unidiffuser.folders import sha256
-    tmp_png = temp_beside(png, lambda p: Image.fromarray(img.numpy()).save(p, format="PNG"))
-    try:
-        sidecar = {**sidecar, "png_sha256": sha256(tmp_png)}            # which PNG this sidecar describes
-        text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"   # strict JSON
-        tmp_json = temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"))
-    except BaseException:
-        tmp_png.unlink()
-        raise
-    publish_together([(tmp_png, png), (tmp_json, png.with_suffix(".json"))], overwrite)
 
 
 def main(argv=None) -> int:
@@ -182,42 +160,22 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from unidiffuser.pipeline import Request, Text2Image
-    options = {"compile": True} if args.compile else {}
-    if args.backend == "trtllm":
-        options = {"engine_dir": args.engine_dir}
-    pipe = Text2Image.from_dir(args.model_dir, layout.device, dtype, args.backend, cfg_pair=layout.cfg_pair, **options)
-    height = pipe.cfg.default_size if args.height is None else args.height
-    width = pipe.cfg.default_size if args.width is None else args.width
-    random = bool(pipe.manifest.get("random_weights"))
-    weights_dtype = pipe.manifest.get("dtype")
-    if dtype == "fp32" and weights_dtype not in (None, "fp32"):
-        log.warning("--dtype fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
-                    "the reference needs a folder made by convert_weights.py --dtype fp32", weights_dtype)
-
+    from unidiffuser.api import UniDiffuser
+    pipe = UniDiffuser.load(args.model_dir, layout.device, dtype, args.backend, args.compile, args.engine_dir,
+                            cfg_pair=layout.cfg_pair)
     for batch in batches:
-        batch_prompts, seeds, pngs = zip(*batch)
-        req = Request(list(batch_prompts), list(seeds), args.steps, args.scale, height, width)
+        batch_prompts, seeds, _ = zip(*batch)
         with tqdm(total=args.steps, desc=f"{batch_prompts[0][:40]!r}", unit="step", leave=False,
                   disable=not layout.writer) as bar:
-            result = pipe(req, progress=lambda k: bar.update(1))
-        if not layout.writer:     # the first rank of a CFG pair writes the pair's images
-            continue
-        for img, prompt, seed, png in zip(result.images, batch_prompts, seeds, pngs):
-            sidecar = {
-                "prompt": prompt, "seed": seed, "steps": args.steps, "scale": args.scale,
-                "height": height, "width": width, "batch": len(batch),
-                "backend": args.backend, "dtype": dtype, "device": str(layout.device),
-                "model_dir": str(args.model_dir), "random_weights": random, "weights_dtype": weights_dtype,
-                "time_per_stage_s": {k: round(v, 4) for k, v in result.timings_s.items()},
-            }
-            if layout.world_size > 1:
-                sidecar["parallel"] = layout.describe()
-            write_image(png, img, sidecar, args.overwrite)
-            print(png)
-        t = result.timings_s
+            out = pipe(list(batch_prompts), seeds=list(seeds), batch=len(batch), steps=args.steps, scale=args.scale,
+                       height=args.height, width=args.width, progress=lambda b, k: bar.update(1))
+        if layout.writer:    # the first rank of a CFG pair writes the pair's images
+            extra = {"parallel": layout.describe()} if layout.world_size > 1 else {}
+            for png in out.save(args.out, overwrite=args.overwrite, extra=extra):
+                print(png)
+        t = out.timings
         log.info("%d image(s) in %.2f s (encode %.3f, sample %.3f, decode %.3f)", len(batch),
-                 sum(t.values()), t["encode_s"], t["sample_s"], t["decode_s"])
+                 t["total_s"], t["encode_s"], t["sample_s"], t["decode_s"])
     layout.close()
     return 0
 

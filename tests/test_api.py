@@ -1,6 +1,7 @@
 """The Python API (load once, generate many) and the load path under it, on the CPU with the
 tiny preset: reproducible by seed, PIL images of the asked size, timings, the same pixels as
 run.py, clear errors; networks filled straight from the files; one graph capture per shape."""
+import hashlib
 import json
 import os
 import subprocess
@@ -80,8 +81,12 @@ def test_same_pixels_as_run_py(pipe, model, tmp_path):
     (dict(prompt=[]), "at least one prompt"),
     (dict(prompt="x", n=0), "--n-samples must be >= 1"),
     (dict(prompt="x", height=40), "--height must be a positive multiple of 16"),
-    (dict(prompt="x", steps=0), "--steps must be >= 1"),
+    (dict(prompt="x", steps=0), "--steps must be in 1..1000"),
     (dict(prompt=["x", "y"], seeds=[1]), "one per image"),
+    (dict(prompt="x", scale=float("nan")), "--scale must be a finite number"),
+    (dict(prompt="x", seed=2**64 - 1, n=2), r"--seed: every image's seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(prompt="x", seeds=[-1]), "--seed"),
+    (dict(prompt=["x", "y"], batch=0), "batch must be >= 1"),
 ])
 def test_bad_arguments_raise_value_error(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -165,3 +170,27 @@ def test_gpu_capture_once_for_many_prompts(model, caplog):
     assert first.timings["capture_s"] > 0 and "capture_s" not in rest.timings
     again = gpu("a red cube", seed=1, steps=4)
     assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+
+
+def test_batches_may_mix_prompts_and_give_the_same_pixels(pipe):
+    """batch= groups images across prompts (run.py's CFG pairs and data parallel do); each image
+    still depends only on its prompt and seed."""
+    one = pipe(["a red cube", "a blue ball"], seeds=[3, 4], steps=2, height=32, width=32)          # a batch per prompt
+    mixed = pipe(["a red cube", "a blue ball"], seeds=[3, 4], steps=2, height=32, width=32, batch=2)
+    assert mixed.settings["batch"] == 2 and len(mixed.images) == 2
+    for a, b in zip(one.images, mixed.images):
+        assert np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max() <= 1
+
+
+def test_save_never_replaces_an_image_unless_asked(pipe, tmp_path):
+    out = pipe("a red cube", seed=9, steps=1, height=32, width=32)
+    png, = out.save(tmp_path)
+    side = json.loads(png.with_suffix(".json").read_text())
+    assert side["seed"] == 9 and side["png_sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+    png.write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError, match="not replaced without --overwrite"):
+        out.save(tmp_path)
+    assert png.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([png.name, png.with_suffix(".json").name])
+    out.save(tmp_path, overwrite=True)
+    assert Image.open(png).size == (32, 32)

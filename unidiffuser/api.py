@@ -12,8 +12,7 @@ buffers are shared by all calls.
 """
 from __future__ import annotations
 
-import json
-import re
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .files import atomic_write, atomic_write_text
+from .files import image_name, write_image_pair
 from .pipeline import BACKENDS, Request, Text2Image
+
+log = logging.getLogger("unidiffuser")
 
 
 @dataclass
@@ -33,27 +34,23 @@ class Generation:
     seeds: list[int]                  # the seed of each image
     settings: dict                    # steps, scale, height, width, batch, backend, dtype, device, ...
     timings: dict[str, float] = field(default_factory=dict)   # seconds: encode/sample/decode/capture, total
+    _batch_timings: list[dict] = field(default_factory=list, repr=False)   # per image: its batch's stages
 
-    def save(self, folder: str | Path) -> list[Path]:
-        """Write each image as PROMPT-SLUG_seedN.png with a JSON sidecar (prompt, seed, settings,
-        timings of its batch) into folder; returns the PNG paths. Files are written whole or not at all."""
+    def save(self, folder: str | Path, overwrite: bool = False, extra: dict | None = None) -> list[Path]:
+        """Write each image as PROMPT-SLUG_seedN.png with a JSON sidecar (prompt, seed, settings, the
+        timings of its batch, the PNG's sha256, and `extra`) into folder; returns the PNG paths.
+        Each PNG and its sidecar are published together, whole or not at all; an existing image
+        is replaced only with overwrite=True (else FileExistsError names it)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for img, prompt, seed, t in zip(self.images, self.prompts, self.seeds, self._batch_timings):
-            stem = folder / f"{slug(prompt)}_seed{seed}"
-            atomic_write(stem.with_suffix(".png"), lambda p: img.save(p, format="PNG"))
-            sidecar = {"prompt": prompt, "seed": seed, **self.settings,
+            png = folder / image_name(prompt, seed)
+            sidecar = {"prompt": prompt, "seed": seed, **self.settings, **(extra or {}),
                        "time_per_stage_s": {k: round(v, 4) for k, v in t.items()}}
-            atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
-            paths.append(stem.with_suffix(".png"))
+            write_image_pair(png, lambda p, img=img: img.save(p, format="PNG"), sidecar, overwrite)
+            paths.append(png)
         return paths
-
-    _batch_timings: list[dict] = field(default_factory=list, repr=False)   # per image: its batch's stages
-
-
-def slug(text: str, n: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
 
 
 class UniDiffuser:
@@ -65,10 +62,13 @@ class UniDiffuser:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
-             backend: str = "torch", compile: bool = False, engine_dir: str | Path | None = None) -> "UniDiffuser":
+             backend: str = "torch", compile: bool = False, engine_dir: str | Path | None = None,
+             cfg_pair=None) -> "UniDiffuser":
         """device: "cuda" (default when available) or "cpu"; dtype: fp16 (default on CUDA), bf16 or
         fp32 (default on the CPU, the reference); backend "torch" or "trtllm" (engine_dir, default
-        MODEL_DIR/engines). Raises ValueError (CheckpointError) with one clear line on bad input."""
+        MODEL_DIR/engines); cfg_pair: this rank's half of a CFG pair under torchrun
+        (`parallel.init_from_env(...).cfg_pair`). Raises ValueError (CheckpointError) with one clear
+        line on bad input."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device}: no CUDA device is available here (use device='cpu')")
@@ -80,7 +80,11 @@ class UniDiffuser:
             if compile:
                 raise ValueError("compile is an option of the torch backend")
             options = {"engine_dir": None if engine_dir is None else Path(engine_dir)}
-        return cls(Text2Image.from_dir(model_dir, device, dtype, backend, **options), Path(model_dir), backend)
+        pipe = cls(Text2Image.from_dir(model_dir, device, dtype, backend, cfg_pair=cfg_pair, **options), Path(model_dir), backend)
+        if dtype == "fp32" and pipe.weights_dtype not in (None, "fp32"):
+            log.warning("fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
+                        "the reference needs a folder made by convert_weights.py --dtype fp32", pipe.weights_dtype)
+        return pipe
 
     @property
     def default_size(self) -> int:
@@ -91,17 +95,23 @@ class UniDiffuser:
         return bool(self.pipeline.manifest.get("random_weights"))
 
     @property
+    def weights_dtype(self) -> str | None:
+        """The dtype the model folder stores (convert_weights.py --dtype)."""
+        return self.pipeline.manifest.get("dtype")
+
+    @property
     def load_timings(self) -> dict[str, float]:
         """load_s (reading, checking and placing the weights) and imports_s (process start to loading)."""
         return dict(self.pipeline.load_timings)
 
     def __call__(self, prompt: str | Sequence[str], seed: int = 1234, n: int = 1, steps: int = 50, scale: float = 7.0,
                  height: int | None = None, width: int | None = None, seeds: Sequence[int] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Generation:
-        """Images for one prompt or a list of prompts, n per prompt (one batch each).
+                 batch: int | None = None, progress: Callable[[int, int], None] | None = None) -> Generation:
+        """Images for one prompt or a list of prompts, n per prompt.
 
-        seeds: one per image (len(prompts) * n), instead of seed, seed + 1, ...; progress(batch, step)
-        is called after each sampling step of each batch (on the CUDA-graph path, at its end)."""
+        seeds: one per image (len(prompts) * n), instead of seed, seed + 1, ...; batch: images per
+        batch (default n: one batch per prompt; a batch may mix prompts); progress(batch, step) is
+        called after each sampling step of each batch (on the CUDA-graph path, at its end)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("give at least one prompt (a string or a list of strings)")
@@ -113,10 +123,16 @@ class UniDiffuser:
         seeds = [int(s) for s in seeds]
         if len(seeds) != total:
             raise ValueError(f"seeds: need one per image ({len(prompts)} prompt(s) x {n}), got {len(seeds)}")
+        batch = n if batch is None else batch
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
-        batches = [Request([p] * n, seeds[i * n:(i + 1) * n], steps, scale, height, width) for i, p in enumerate(prompts)]
-        batches[0].validate()      # all batches share the settings: bad ones fail before any work
+        each = [p for p in prompts for _ in range(n)]
+        batches = [Request(each[i:i + batch], seeds[i:i + batch], steps, scale, height, width)
+                   for i in range(0, total, batch)]
+        for req in batches:        # bad settings or seeds fail before any work
+            req.validate()
 
         from PIL import Image
 
@@ -127,15 +143,16 @@ class UniDiffuser:
                 cb = None if progress is None else (lambda k, b=b: progress(b, k))
                 result = self.pipeline(req, progress=cb)
                 images += [Image.fromarray(img.numpy()) for img in result.images]
-                per_image += [dict(result.timings_s)] * n
+                per_image += [dict(result.timings_s)] * len(req.prompts)
                 for k, v in result.timings_s.items():
                     timings[k] = timings.get(k, 0.0) + v
         timings["total_s"] = time.perf_counter() - t0
         p = self.pipeline
-        settings = {"steps": steps, "scale": scale, "height": height, "width": width, "batch": n,
+        settings = {"steps": steps, "scale": scale, "height": height, "width": width, "batch": batch,
                     "backend": self.backend, "dtype": _dtype_name(p.dtype), "device": str(p.device),
-                    "model_dir": str(self.model_dir), "random_weights": self.random_weights}
-        return Generation(images, [p for p in prompts for _ in range(n)], seeds, settings, timings, per_image)
+                    "model_dir": str(self.model_dir), "random_weights": self.random_weights,
+                    "weights_dtype": self.weights_dtype}
+        return Generation(images, each, seeds, settings, timings, per_image)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -115,3 +118,25 @@ def temp_beside(path: Path, write: Callable[[str], None]) -> Path:
             raise write_failure(path, e) from e
         raise
     return Path(tmp)
+
+
+def image_name(prompt: str, seed: int, n: int = 48) -> str:
+    """What an image is called, in run.py's output and the API's save(): PROMPT-SLUG_seedN.png."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:n].rstrip("-") or "prompt"
+    return f"{slug}_seed{seed}.png"
+
+
+def write_image_pair(png: Path, save_png: Callable[[str], None], sidecar: dict, overwrite: bool) -> None:
+    """A PNG and its JSON sidecar (strict JSON, with the PNG's sha256), written under temporary names
+    and renamed together under a lock on the folder: a pair always comes from one run, even with
+    concurrent runs, and an existing image is replaced only with overwrite."""
+    tmp_png = temp_beside(png, save_png)
+    try:
+        with open(tmp_png, "rb") as f:
+            sidecar = {**sidecar, "png_sha256": hashlib.sha256(f.read()).hexdigest()}
+        text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"
+        tmp_json = temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except BaseException:
+        tmp_png.unlink()
+        raise
+    publish_together([(tmp_png, png), (tmp_json, png.with_suffix(".json"))], overwrite)

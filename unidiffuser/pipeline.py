@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -157,8 +158,13 @@ class Request:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 16:
                 raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches), got {v}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= sampler.NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"--steps must be in 1..{sampler.NUM_TRAIN_TIMESTEPS}, got {self.steps}")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"--scale must be a finite number, got {self.scale}")
+        bad = [s for s in self.seeds if not isinstance(s, int) or not 0 <= s < 2**64]
+        if bad:   # torch.Generator.manual_seed takes [0, 2**64)
+            raise ValueError(f"--seed: every image's seed must be an integer in [0, 2**64), got {bad[0]}")
 
 
 @dataclass
