@@ -7,6 +7,7 @@ that --help and argument errors answer at once (importing torch alone takes seco
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -14,7 +15,14 @@ from typing import Callable, NoReturn
 def run(main: Callable[[], int]) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        sys.exit(main())
+        code = main()
+        # Done: every file is written and closed. Skip the interpreter's teardown, which frees the
+        # networks, CUDA graphs and their memory pools one object at a time (1-2.5 s after a v1
+        # run); the OS takes the whole process back at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
