@@ -565,6 +565,9 @@ def print_table(report, args):
         for name in ("text_encoder", "uvit_cfg", "decoder"):
             a, b = r[f"{name}_fp32_ms"], r[f"{name}_{dt}_ms"]
             print(f"{name:<26}{B:>3}{a:>10.2f}{b:>10.2f}{a / b:>9.1f}x")
+        for key, label in ((f"uvit_cfg_{dt}_unfused_ms", f"uvit_cfg ({dt}, unfused)"), ("uvit_cfg_fp8_ms", "uvit_cfg (fp8)")):
+            if key in r:
+                print(f"{label:<26}{B:>3}{'':>10}{r[key]:>10.2f}")
         if f"uvit_cfg_{dt}_compiled_ms" in r:
             print(f"{'uvit_cfg (compiled)':<26}{B:>3}{'':>10}{r[f'uvit_cfg_{dt}_compiled_ms']:>10.2f}"
                   f"   compile {r['compile_s']:.0f} s")

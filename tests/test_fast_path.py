@@ -175,7 +175,9 @@ def test_fp8_uvit_against_fp32(nets, fp8_backend):
     for a, b, c in zip(got, want, f16):
         assert a.dtype == torch.float16 and not a.isnan().any()
         print(f"fp8 UViT rel L2 vs fp32 {rel_l2(a, b):.2e} (fp16: {rel_l2(c, b):.2e})")
-        assert rel_l2(c, b) < rel_l2(a, b) < 0.1
+        # e4m3: ~4% per GEMM on random weights (tests/test_fused_kernels.py), 9% through the
+        # 29 blocks on the H200 (2026-11-30); real weights are not random ones
+        assert rel_l2(c, b) < rel_l2(a, b) < 0.15
 
 
 @torch.no_grad()
