@@ -86,7 +86,8 @@ class TorchBackend:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.fast:
-            return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
+            with cudnn_autotuned():
+                return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
         return self.vae_decoder(z)
 
     def _replay(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +106,18 @@ class TorchBackend:
         static.copy_(x)
         graph.replay()
         return out.clone()
+
+
+@contextmanager
+def cudnn_autotuned():
+    """cuDNN's per-shape algorithm search (for the decoder's convs) without leaving the
+    process-wide flag set for whatever else runs in the process (a benchmark peer, say)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -137,7 +150,6 @@ def make_fast(uvit: torch.nn.Module, vae_decoder: torch.nn.Module) -> None:
         elif isinstance(m, SkipLinear):
             m.split = True
     vae_decoder.to(memory_format=torch.channels_last)
-    torch.backends.cudnn.benchmark = True
     fused = groupnorm.available()
     for m in vae_decoder.modules():
         if isinstance(m, GroupNorm):
