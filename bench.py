@@ -14,6 +14,7 @@ CUDA-event timings after warm-up, medians over repeats; peak GPU memory; fp16-vs
 component and for the final image from the same seed and initial noise.
 
     python bench.py --json bench.json --chart bench.png            # on a CUDA GPU
+    python bench.py --batch-sizes 1 8 --fp8 --profile --compile --json bench.json   # fewer batch sizes: shorter
     python bench.py --preset tiny --device cpu --batch-sizes 1 --repeats 1 --steps 3   # smoke test
 """
 from __future__ import annotations
