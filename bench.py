@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmark and accuracy report: the fp32 reference, our fp16 fast path and diffusers'
-UniDiffuserPipeline (fp16, when diffusers is installed), measured in one run on one GPU.
+"""Benchmark and accuracy report: the fp32 reference, our fp16 fast path (and its fp8 variant)
+and diffusers' UniDiffuserPipeline (fp16, eager and torch.compile'd, when diffusers is
+installed), measured in one run on one GPU.
+
+The end-to-end peers and our own paths are also each measured in a fresh subprocess of their
+own ("isolated"), one after another on the same GPU: only that pipeline's weights are resident,
+no state left by another path (models, allocator cache, compiled code), so the peak memory is
+that path's alone and the peers run as they would standalone.
 
 Real v1 shapes with random weights (no downloads). Per component (text encoder + prefix, one
 CFG-batched UViT call, VAE decoder) and end to end (50 steps, 512x512) at several batch sizes;
@@ -8,6 +14,7 @@ CUDA-event timings after warm-up, medians over repeats; peak GPU memory; fp16-vs
 component and for the final image from the same seed and initial noise.
 
     python bench.py --json bench.json --chart bench.png            # on a CUDA GPU
+    python bench.py --batch-sizes 1 8 --fp8 --profile --compile --json bench.json   # fewer batch sizes: shorter
     python bench.py --preset tiny --device cpu --batch-sizes 1 --repeats 1 --steps 3   # smoke test
     torchrun --nproc-per-node 2 bench.py --cfg-parallel --batch-sizes 1 --json cfg.json  # 1 vs 2 GPUs
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib.util
 import json
 import statistics
 import sys
@@ -22,6 +30,8 @@ import time
 from pathlib import Path
 
 from models.config import PRESETS
+
+ISOLATED = ("diffusers", "diffusers-compiled", "ours-fp16", "ours-fp8")
 
 
 def parse_args(argv=None):
@@ -36,6 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--fp32-e2e-batches", type=int, nargs="*", default=[1],
                    help="batch sizes at which the (slow) fp32 reference also runs end to end")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers even if installed")
+    p.add_argument("--no-peer-compile", action="store_true",
+                   help="skip diffusers with torch.compile on its UNet (~70 s of compiling)")
+    p.add_argument("--no-isolated", action="store_true", help="skip the per-path subprocess measurements")
+    p.add_argument("--diffusers-in-process", action="store_true",
+                   help="also time diffusers at the first batch size inside this process (diagnosis)")
+    p.add_argument("--fp8", action="store_true", help="also measure the fp8 path (models/fp8.py)")
+    p.add_argument("--isolated", choices=ISOLATED, help=argparse.SUPPRESS)   # internal: one path, one process
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile'd UViT")
     p.add_argument("--profile", action="store_true", help="split one fp16 UViT call into GEMM / attention / rest")
     p.add_argument("--json", type=Path, help="write all numbers here")
@@ -58,7 +75,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from unidiffuser import checkpoints  # noqa: E402
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph  # noqa: E402
+from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph, cudnn_autotuned  # noqa: E402
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -104,7 +121,8 @@ def unfused(backend, z):
     for m in norms:
         m.fused = False
     try:
-        return backend.vae_decoder(z.contiguous(memory_format=torch.channels_last))
+        with cudnn_autotuned():
+            return backend.vae_decoder(z.contiguous(memory_format=torch.channels_last))
     finally:
         for m, f in zip(norms, saved):
             m.fused = f
@@ -140,17 +158,32 @@ def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 # -- the networks -------------------------------------------------------------------------------
 
-def build_networks(cfg, device, dtype):
+def build_networks(cfg, device, dtype, copies=1):
+    """The fp32 reference on the device and `copies` fast-path copies of the same weights."""
     g = torch.Generator().manual_seed(0)
     nets = {}
     for name in checkpoints.NETWORKS:
         net = checkpoints.randomize_(checkpoints.build(name, cfg), g).eval().requires_grad_(False)
         nets[name] = net
     ref = {k: v.to(device) for k, v in nets.items()}                        # fp32, as written
-    fast = {k: checkpoints.build(k, cfg).to(device=device, dtype=dtype).eval().requires_grad_(False) for k in nets}
-    for k in nets:
-        fast[k].load_state_dict(nets[k].state_dict())
-    return ref, fast
+    fasts = []
+    for _ in range(copies):
+        fast = {k: checkpoints.build(k, cfg).to(device=device, dtype=dtype).eval().requires_grad_(False) for k in nets}
+        for k in nets:
+            fast[k].load_state_dict(nets[k].state_dict())
+        fasts.append(fast)
+    return ref, *fasts
+
+
+def set_uvit_fusions(uvit, on: bool) -> None:
+    """Residual+LayerNorm kernel and split skip GEMMs on or off (to measure what they bring)."""
+    from models.fused_norm import LayerNorm
+    from models.uvit import SkipLinear
+    for m in uvit.modules():
+        if isinstance(m, LayerNorm):
+            m.fused = on
+        elif isinstance(m, SkipLinear):
+            m.split = on
 
 
 def make_tokenizer(tmp: Path):
@@ -201,6 +234,78 @@ def diffusers_pipeline(cfg, tok_dir: Path, device, dtype):
     return pipe.to(device=device, dtype=dtype)
 
 
+# -- isolated runs: one path per fresh process -------------------------------------------------
+
+def isolated_main(args) -> dict:
+    """End to end for one path alone in this process. Peak memory counts everything allocated
+    since the process started (weights, activations, graph pools)."""
+    import tempfile
+    device = torch.device("cuda")
+    dtype = checkpoints.DTYPES[args.dtype]
+    cfg = PRESETS[args.preset]
+    mode = args.isolated
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
+    tok = make_tokenizer(tmp)
+    out = {"mode": mode, "end_to_end": {}}
+    t0 = time.perf_counter()
+    if mode.startswith("diffusers"):
+        pipe = diffusers_pipeline(cfg, tmp, device, dtype)
+        if mode == "diffusers-compiled":
+            pipe.unet = torch.compile(pipe.unet)
+        batches = args.batch_sizes[:1] if mode == "diffusers-compiled" else args.batch_sizes
+
+        def call(B):
+            prompts = [f"a photo of object number {i} on a table" for i in range(B)]
+            return lambda: pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=7.0,
+                                height=args.size, width=args.size, output_type="pt")
+    else:
+        g = torch.Generator().manual_seed(0)
+        nets = {n: checkpoints.randomize_(checkpoints.build(n, cfg), g) for n in checkpoints.NETWORKS}
+        be = TorchBackend(nets, device, dtype, quant="fp8" if mode == "ours-fp8" else None)
+        pipe = Text2Image(be, cfg, tok)
+        batches = args.batch_sizes
+        out["weights_MiB"] = torch.cuda.memory_allocated() / 2**20
+
+        def call(B):
+            req = Request([f"a photo of object number {i} on a table" for i in range(B)], list(range(B)),
+                          args.steps, 7.0, args.size, args.size)
+            return lambda: pipe(req)
+    out["build_s"] = time.perf_counter() - t0
+    with torch.no_grad():
+        for B in batches:
+            fn = call(B)
+            t1 = time.perf_counter()
+            fn()                                       # capture / compile / cudnn autotuning
+            sync(device)
+            r = out["end_to_end"][B] = {"first_call_s": time.perf_counter() - t1}
+            reps = max(2, min(3, args.repeats)) if mode.startswith("diffusers") else args.repeats
+            r["ms"] = time_ms(fn, device, warmup=1, repeats=reps)
+            r["img_per_s"] = 1000 * B / r["ms"]
+            r["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+            print(f"  [{mode}] B={B}: {r['ms']:.1f} ms (first call {r['first_call_s']:.1f} s), "
+                  f"peak {r['peak_MiB']:.0f} MiB", file=sys.stderr, flush=True)
+    return out
+
+
+def run_isolated(mode: str, args) -> dict | None:
+    """isolated_main in a fresh `python bench.py --isolated MODE` process; None if it failed."""
+    import subprocess
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--isolated", mode, "--preset", args.preset,
+           "--dtype", args.dtype, "--steps", str(args.steps), "--size", str(args.size),
+           "--repeats", str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    print(p.stderr.rstrip()[-3000:], flush=True)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("ISOLATED ")]
+    if p.returncode != 0 or not lines:
+        print(f"isolated {mode} failed (exit {p.returncode})", flush=True)
+        return None
+    res = json.loads(lines[-1][len("ISOLATED "):])
+    res["end_to_end"] = {int(B): r for B, r in res["end_to_end"].items()}
+    res["process_s"] = time.perf_counter() - t0
+    return res
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -213,6 +318,22 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available (use --device cpu for a smoke test)", file=sys.stderr)
         return 2
+    if args.isolated:
+        if device.type != "cuda":
+            print("error: --isolated needs --device cuda", file=sys.stderr)
+            return 2
+        print("ISOLATED " + json.dumps(isolated_main(args)), flush=True)
+        return 0
+    # The isolated runs go first, before this process holds any GPU memory or context.
+    isolated = {}
+    if device.type == "cuda" and not args.no_isolated:
+        have_diffusers = importlib.util.find_spec("diffusers") is not None and not args.no_diffusers
+        modes = (["ours-fp16"] + (["ours-fp8"] if args.fp8 else [])
+                 + (["diffusers"] if have_diffusers else []) + (["diffusers-compiled"] if have_diffusers and not args.no_peer_compile else []))
+        for mode in modes:
+            res = run_isolated(mode, args)
+            if res is not None:
+                isolated[mode] = res
     dtype = checkpoints.DTYPES[args.dtype]
     cfg = PRESETS[args.preset]
     f = cfg.vae_decoder.downsample
@@ -222,7 +343,8 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "size": args.size,
-              "steps": args.steps, "argv": sys.argv[1:], "components": {}, "end_to_end": {}, "accuracy": {}}
+              "steps": args.steps, "argv": sys.argv[1:], "components": {}, "end_to_end": {}, "accuracy": {},
+              "isolated": isolated}
     if device.type == "cuda":
         n = 1 << 28
         a = torch.empty(n, dtype=torch.uint8, device=device)
@@ -239,12 +361,14 @@ def main(argv=None) -> int:
             return 0
 
     t0 = time.perf_counter()
-    ref, fast = build_networks(cfg, device, dtype)
+    use_fp8 = args.fp8 and device.type == "cuda"
+    ref, fast, *fast8 = build_networks(cfg, device, dtype, copies=2 if use_fp8 else 1)
     print(f"built random {args.preset} networks in {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     tok = make_tokenizer(tmp)
     pipe_ref = Text2Image(TorchBackend(ref, device, torch.float32), cfg, tok)
     pipe_fast = Text2Image(TorchBackend(fast, device, dtype), cfg, tok)
+    pipe_fp8 = Text2Image(TorchBackend(fast8[0], device, dtype, quant="fp8"), cfg, tok) if use_fp8 else None
     pipe_compiled = None
     if args.compile:
         pipe_compiled = Text2Image(TorchBackend(fast, device, dtype, compile=True), cfg, tok)
@@ -267,13 +391,25 @@ def main(argv=None) -> int:
         latent = rnd(B, u.in_chans, h, w)
         r = comp[B] = {}
         with torch.no_grad():
-            for tag, pipe, dt in (("fp32", pipe_ref, torch.float32), (args.dtype, pipe_fast, dtype)):
+            impls = [("fp32", pipe_ref, torch.float32), (args.dtype, pipe_fast, dtype)]
+            for tag, pipe, dt in impls + ([("fp8", pipe_fp8, dtype)] if pipe_fp8 else []):
                 be = pipe.backend
                 args_uvit = (z.to(dt), clip_img.to(dt), text.to(dt), t_img, t_text, dt_)
                 run_text = lambda: be.encode_text(ids)
                 run_uvit = lambda: be.uvit(*args_uvit)
                 run_dec = lambda: be.decode(latent.to(dt))
+                if tag == "fp8":   # only the UViT differs from the fp16 path
+                    if B == args.batch_sizes[0]:
+                        report["fp8_scales"] = fp8_scale_report(be, run_uvit)
+                    r["uvit_cfg_fp8_ms"] = time_ms(graphed(run_uvit, device), device, repeats=30)
+                    if B == args.batch_sizes[0]:
+                        report["accuracy"]["_outputs"]["fp8"] = {
+                            "uvit": torch.cat([o.float().flatten(1) for o in be.uvit(*args_uvit)], 1).cpu()}
+                    continue
                 if be.graph_safe:   # fixed-shape calls replay as CUDA graphs on the fast path
+                    set_uvit_fusions(be.uvit_net, False)
+                    r[f"uvit_cfg_{tag}_unfused_ms"] = time_ms(graphed(run_uvit, device), device, repeats=30)
+                    set_uvit_fusions(be.uvit_net, True)
                     run_uvit = graphed(run_uvit, device)
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         flash = graphed(lambda: be.uvit_net(*args_uvit), device)
@@ -300,15 +436,20 @@ def main(argv=None) -> int:
     outs = report["accuracy"].pop("_outputs")
     for name in ("text_encoder", "uvit", "decoder"):
         report["accuracy"][name] = errors(outs[args.dtype][name], outs["fp32"][name])
+    if "fp8" in outs:
+        report["accuracy"]["uvit_fp8"] = errors(outs["fp8"]["uvit"], outs["fp32"]["uvit"])
 
     if args.profile and device.type == "cuda":
         report["profile_uvit"] = profile_uvit(pipe_fast.backend, u, h, w, device, dtype)
         print("profile: " + json.dumps(report["profile_uvit"], indent=1), flush=True)
+        if pipe_fp8:
+            report["profile_uvit_fp8"] = profile_uvit(pipe_fp8.backend, u, h, w, device, dtype)
+            print("profile fp8: " + json.dumps(report["profile_uvit_fp8"], indent=1), flush=True)
 
     # ---- end to end --------------------------------------------------------------------------
     e2e = report["end_to_end"]
     diff_pipe = None
-    if not args.no_diffusers and device.type == "cuda":
+    if args.diffusers_in_process and not args.no_diffusers and device.type == "cuda":
         try:
             diff_pipe = diffusers_pipeline(cfg, tmp, device, dtype)
         except ImportError as e:
@@ -317,7 +458,8 @@ def main(argv=None) -> int:
         prompts = [f"a photo of object number {i} on a table" for i in range(B)]
         req = Request(prompts, list(range(B)), args.steps, 7.0, args.size, args.size)
         r = e2e[B] = {}
-        impls = [(args.dtype, pipe_fast)] + ([("fp32", pipe_ref)] if B in args.fp32_e2e_batches else [])
+        impls = [(args.dtype, pipe_fast)] + ([("fp8", pipe_fp8)] if pipe_fp8 else [])
+        impls += [("fp32", pipe_ref)] if B in args.fp32_e2e_batches else []
         if pipe_compiled is not None and B == args.batch_sizes[0]:
             impls.append((f"{args.dtype}_compiled", pipe_compiled))
         for tag, pipe in impls:
@@ -325,13 +467,18 @@ def main(argv=None) -> int:
             r[f"{tag}_peak_MiB"] = peak_mb(device, lambda: pipe(req))          # also the warm-up / capture
             r[f"{tag}_ms"] = time_ms(lambda: pipe(req), device, warmup=0, repeats=reps)
             print(f"  e2e B={B} {tag}: {r[f'{tag}_ms']:.1f} ms", flush=True)
-        if diff_pipe is not None:
+        if diff_pipe is not None and B == args.batch_sizes[0]:
             def run_diffusers():
                 diff_pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=7.0,
                           height=args.size, width=args.size, output_type="pt")
-            try:
-                r[f"diffusers_{args.dtype}_peak_MiB"] = peak_mb(device, run_diffusers)
-                r[f"diffusers_{args.dtype}_ms"] = time_ms(run_diffusers, device, warmup=0, repeats=max(1, min(3, args.repeats)))
+            try:   # diagnosis of the in-process peer: as is, then with cudnn.benchmark on (which make_fast used to leave set)
+                t1 = time.perf_counter()
+                run_diffusers()
+                sync(device)
+                r[f"diffusers_inproc_{args.dtype}_first_s"] = time.perf_counter() - t1
+                r[f"diffusers_inproc_{args.dtype}_ms"] = time_ms(run_diffusers, device, warmup=1, repeats=3)
+                with cudnn_autotuned():
+                    r[f"diffusers_inproc_cudnn_benchmark_{args.dtype}_ms"] = time_ms(run_diffusers, device, warmup=1, repeats=3)
             except Exception as e:   # the peer failing must not lose our own numbers
                 print(f"  diffusers failed at B={B}: {type(e).__name__}: {e}", flush=True)
                 diff_pipe = None
@@ -348,6 +495,13 @@ def main(argv=None) -> int:
     q_ref, q_fast = to_levels(img_ref), to_levels(img_fast)
     report["accuracy"]["image_uint8_levels"] = {"max": (q_fast - q_ref).abs().max().item(),
                                                 "mean": (q_fast - q_ref).abs().float().mean().item()}
+    if pipe_fp8:
+        with torch.no_grad():
+            img_8 = decoded(pipe_fp8, req)
+        report["accuracy"]["image_fp8_[-1,1]"] = errors(img_8, img_ref)
+        q_8 = to_levels(img_8)
+        report["accuracy"]["image_fp8_uint8_levels"] = {"max": (q_8 - q_ref).abs().max().item(),
+                                                        "mean": (q_8 - q_ref).abs().float().mean().item()}
 
     print_table(report, args)
     if args.json:
@@ -355,6 +509,14 @@ def main(argv=None) -> int:
     if args.chart:
         chart(report, args)
     return 0
+
+
+def fp8_scale_report(backend, run_uvit) -> dict:
+    """Per fp8 layer: weight-scale min/median/max and the max activation |x| seen on one
+    calibration call (eager: the recording syncs with the host)."""
+    from models import fp8
+    amax = fp8.activation_amax(backend.uvit_net, run_uvit)
+    return {name: dict(s, act_amax=amax[name]) for name, s in backend.fp8_weight_stats.items()}
 
 
 def decoded(pipe: Text2Image, req: Request) -> torch.Tensor:
@@ -393,7 +555,7 @@ def profile_uvit(backend, u, h, w, device, dtype) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             backend.uvit(*a)
             torch.cuda.synchronize()
-    kinds = {"gemm": 0.0, "attention": 0.0, "layernorm": 0.0, "elementwise/other": 0.0}
+    kinds = {"gemm": 0.0, "attention": 0.0, "layernorm": 0.0, "fp8 quantize": 0.0, "elementwise/other": 0.0}
     kernels = []
     for e in prof.key_averages():
         if e.device_type.name != "CUDA":
@@ -406,11 +568,13 @@ def profile_uvit(backend, u, h, w, device, dtype) -> dict:
             kinds["attention"] += us
         elif "norm" in name:
             kinds["layernorm"] += us
+        elif "quantize" in name:
+            kinds["fp8 quantize"] += us
         else:
             kinds["elementwise/other"] += us
     total = sum(kinds.values())
     top = [{"ms": us / 1e3, "calls": n, "kernel": k} for us, n, k in sorted(kernels, reverse=True)[:10]]
-    return {k: {"ms": v / 1e3, "share": v / total} for k, v in kinds.items()} | {"total_ms": total / 1e3, "top_kernels": top}
+    return {k: {"ms": v / 1e3, "share": v / total} for k, v in kinds.items() if v} | {"total_ms": total / 1e3, "top_kernels": top}
 
 
 def print_table(report, args):
@@ -422,17 +586,34 @@ def print_table(report, args):
         for name in ("text_encoder", "uvit_cfg", "decoder"):
             a, b = r[f"{name}_fp32_ms"], r[f"{name}_{dt}_ms"]
             print(f"{name:<26}{B:>3}{a:>10.2f}{b:>10.2f}{a / b:>9.1f}x")
+        for key, label in ((f"uvit_cfg_{dt}_unfused_ms", f"uvit_cfg ({dt}, unfused)"), ("uvit_cfg_fp8_ms", "uvit_cfg (fp8)")):
+            if key in r:
+                print(f"{label:<26}{B:>3}{'':>10}{r[key]:>10.2f}")
         if f"uvit_cfg_{dt}_compiled_ms" in r:
             print(f"{'uvit_cfg (compiled)':<26}{B:>3}{'':>10}{r[f'uvit_cfg_{dt}_compiled_ms']:>10.2f}"
                   f"   compile {r['compile_s']:.0f} s")
-    print(f"\n{'end to end':<14}{'B':>3}{'fp32 ms':>10}{dt + ' ms':>10}{'diffusers':>11}{'vs diff':>9}{'img/s':>8}{'peak MiB':>10}")
+    print(f"\n{'end to end (ms)':<16}{'B':>3}{'fp32':>9}{dt:>9}{'fp8':>9}{dt + ' img/s':>11}{'fp8 img/s':>10}")
     for B, r in report["end_to_end"].items():
-        f32 = r.get("fp32_ms", float("nan"))
-        d = r.get(f"diffusers_{dt}_ms", float("nan"))
-        print(f"{'':<14}{B:>3}{f32:>10.0f}{r[f'{dt}_ms']:>10.1f}{d:>11.0f}{d / r[f'{dt}_ms']:>8.1f}x"
-              f"{r[f'{dt}_img_per_s']:>8.2f}{r[f'{dt}_peak_MiB']:>10.0f}")
+        nan = float("nan")
+        print(f"{'in this process':<16}{B:>3}{r.get('fp32_ms', nan):>9.0f}{r[f'{dt}_ms']:>9.1f}{r.get('fp8_ms', nan):>9.1f}"
+              f"{r[f'{dt}_img_per_s']:>11.2f}{r.get('fp8_img_per_s', nan):>10.2f}")
         if f"{dt}_compiled_ms" in r:
-            print(f"{'  compiled':<14}{B:>3}{'':>10}{r[f'{dt}_compiled_ms']:>10.1f}")
+            print(f"{'  compiled':<16}{B:>3}{'':>9}{r[f'{dt}_compiled_ms']:>9.1f}")
+        if f"diffusers_inproc_{dt}_ms" in r:
+            print(f"{'  diffusers':<16}{B:>3}  {r[f'diffusers_inproc_{dt}_ms']:.0f} ms in this process, "
+                  f"{r[f'diffusers_inproc_cudnn_benchmark_{dt}_ms']:.0f} ms with cudnn.benchmark on")
+    iso = report.get("isolated", {})
+    if iso:
+        print("\nend to end, each path alone in a fresh process (ms per batch; peak = that path's own peak allocated MiB)")
+        ours = iso.get(f"ours-{dt}", {}).get("end_to_end", {})
+        for mode, res in iso.items():
+            extra = f"   first call {res['end_to_end'][next(iter(res['end_to_end']))]['first_call_s']:.0f} s" \
+                if mode == "diffusers-compiled" else ""
+            cells = []
+            for B, e in res["end_to_end"].items():
+                vs = f", {e['ms'] / ours[B]['ms']:.1f}x ours" if mode.startswith("diffusers") and B in ours else ""
+                cells.append(f"B={B} {e['ms']:.1f} ({e['img_per_s']:.2f} img/s, peak {e['peak_MiB']:.0f}{vs})")
+            print(f"  {mode:<20}" + "; ".join(cells) + extra)
     print(f"\naccuracy of {dt} vs fp32 (abs: max/mean/median; rel: max/mean/median; rel L2)")
     for name, e in report["accuracy"].items():
         if "abs" in e:
@@ -441,10 +622,20 @@ def print_table(report, args):
                   f"rel {r_['max']:.2e}/{r_['mean']:.2e}/{r_['median']:.2e}  L2 {e['rel_l2']:.2e}")
         else:
             print(f"  {name:<20} max {e['max']} levels, mean {e['mean']:.3f} levels")
-    if "profile_uvit" in report:
-        p = report["profile_uvit"]
-        print(f"\nfp16 UViT call, B=1 (eager kernel time {p['total_ms']:.2f} ms): " +
-              ", ".join(f"{k} {v['ms']:.2f} ms ({100 * v['share']:.0f}%)" for k, v in p.items() if isinstance(v, dict)))
+    for key, label in (("profile_uvit", dt), ("profile_uvit_fp8", "fp8")):
+        if key in report:
+            p = report[key]
+            print(f"\n{label} UViT call, B=1 (eager kernel time {p['total_ms']:.2f} ms): " +
+                  ", ".join(f"{k} {v['ms']:.2f} ms ({100 * v['share']:.0f}%)" for k, v in p.items() if isinstance(v, dict)))
+    if "fp8_scales" in report:
+        sc = report["fp8_scales"]
+        for kind in ("qkv", "proj", "fc1", "fc2", "skip_linear"):
+            rows = [v for k, v in sc.items() if k.endswith(kind)]
+            if rows:
+                print(f"fp8 {kind:<12} weight scale {min(r['w_scale_min'] for r in rows):.2e}.."
+                      f"{max(r['w_scale_max'] for r in rows):.2e} (median of medians "
+                      f"{statistics.median(r['w_scale_median'] for r in rows):.2e}), "
+                      f"activation amax {min(r['act_amax'] for r in rows):.1f}..{max(r['act_amax'] for r in rows):.1f}")
     if "copy_GBps" in report:
         print(f"device copy bandwidth {report['copy_GBps']:.0f} GB/s")
 
@@ -456,9 +647,15 @@ def chart(report, args):
     dt = args.dtype
     e2e = report["end_to_end"]
     Bs = list(e2e)
+    series = {f"ours {dt}": {B: e2e[B][f"{dt}_ms"] for B in Bs},
+              "ours fp8": {B: e2e[B]["fp8_ms"] for B in Bs if "fp8_ms" in e2e[B]},
+              "ours fp32 (reference)": {B: e2e[B]["fp32_ms"] for B in Bs if "fp32_ms" in e2e[B]}}
+    for mode, label in (("diffusers", f"diffusers {dt}"), ("diffusers-compiled", f"diffusers {dt} + torch.compile")):
+        if mode in report.get("isolated", {}):
+            series[label] = {B: e["ms"] for B, e in report["isolated"][mode]["end_to_end"].items()}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in ((f"{dt}_ms", f"ours {dt}"), (f"diffusers_{dt}_ms", f"diffusers {dt}"), ("fp32_ms", "ours fp32 (reference)")):
-        pts = [(B, e2e[B][key]) for B in Bs if key in e2e[B]]
+    for label, pts in series.items():
+        pts = sorted(pts.items())
         if pts:
             ax1.plot(*zip(*[(b, v / 1e3) for b, v in pts]), "o-", label=label)
             ax2.plot(*zip(*[(b, 1e3 * b / v) for b, v in pts]), "o-", label=label)

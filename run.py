@@ -19,7 +19,7 @@ log = logging.getLogger("unidiffuser")
 
 # The choices of unidiffuser.checkpoints.DTYPES and pipeline.BACKENDS, spelled out so that
 # --help and argument errors answer before torch is imported.
-DTYPES, BACKENDS = ("bf16", "fp16", "fp32"), ("torch", "trtllm")
+DTYPES, BACKENDS = ("bf16", "fp16", "fp32", "fp8"), ("torch", "trtllm")
 MAX_STEPS = 1000   # the discrete noise schedule has 1000 steps; the solver needs no more
 MAX_BATCH = 4096   # one batch; far beyond what any GPU holds at 512x512 (the memory check says what fits)
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model's, 512 for v1)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="network precision (default fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help="network precision (default fp16 on CUDA, fp32 on CPU; "
+                   "fp8: the UViT blocks' linears in e4m3 on Hopper or newer, the rest fp16, see README)")
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="how the networks run (default torch)")
     p.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the UViT "
                    "(~35 s of compiling per batch size for ~4%% per UViT call on an H100, see README)")
@@ -83,6 +84,8 @@ def check_arguments(args, n_images: int) -> None:
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.compile and args.backend != "torch":
         raise ValueError("--compile is an option of --backend torch (TensorRT-LLM engines are compiled by build_*.py)")
+    if args.dtype == "fp8" and (args.backend != "torch" or args.device == "cpu"):
+        raise ValueError("--dtype fp8 needs --backend torch on a CUDA GPU (Hopper or newer)")
     if args.compile and args.device == "cpu":
         raise ValueError("--compile needs --device cuda (it compiles the CUDA fast path)")
     if args.engine_dir is not None and args.backend != "trtllm":
@@ -125,7 +128,7 @@ def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: i
     from unidiffuser import checkpoints
     cfg, manifest = checkpoints.read_manifest(model_dir)
     stored = sum(e["bytes"] for e in manifest["files"].values() if "dtype" in e)
-    weights = stored * memory.DTYPE_BYTES[dtype] // memory.DTYPE_BYTES[manifest["dtype"]]
+    weights = stored * memory.DTYPE_BYTES[dtype] // memory.DTYPE_BYTES[manifest["dtype"]]   # fp8: fp16 bound
     if not device.startswith("cuda"):
         weights += stored   # the state dicts are in memory while the networks load
     memory.check_fits(cfg, batch, height or cfg.default_size, width or cfg.default_size, dtype, weights, steps,

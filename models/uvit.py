@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UViTConfig
+from .fused_norm import LayerNorm
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -62,24 +63,40 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class SkipLinear(nn.Linear):
+    """skip_linear(cat([x, skip], -1)). With `split` (fast path only) it runs as two GEMMs over
+    the two column halves of the weight (views, no copy) accumulating into one output, so the
+    2x-wide concatenation is never written and read back."""
+    split = False
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return super().forward(torch.cat([x, skip], dim=-1))
+        D = x.shape[-1]
+        out = torch.addmm(self.bias, x.reshape(-1, D), self.weight[:, :D].t())
+        out.addmm_(skip.reshape(-1, D), self.weight[:, D:].t())
+        return out.view(*x.shape[:-1], -1)
+
+
 class Block(nn.Module):
-    """Post-LN block. Out-blocks (skip=True) first merge the long skip: norm1(skip_linear([x, skip]))."""
+    """Post-LN block. Out-blocks (skip=True) first merge the long skip: norm1(skip_linear([x, skip])).
+    The norms take the residual as their second argument (fused into one kernel on the fast path)."""
 
     def __init__(self, cfg: UViTConfig, skip: bool = False):
         super().__init__()
         dim = cfg.embed_dim
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
-        self.norm1 = nn.LayerNorm(dim) if skip else None
+        self.skip_linear = SkipLinear(2 * dim, dim) if skip else None
+        self.norm1 = LayerNorm(dim) if skip else None
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, dim * cfg.mlp_ratio)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
-            x = self.norm1(self.skip_linear(torch.cat([x, skip], dim=-1)))
-        x = self.norm2(x + self.attn(x))
-        return self.norm3(x + self.mlp(x))
+            x = self.norm1(self.skip_linear(x, skip))
+        x = self.norm2(x, self.attn(x))
+        return self.norm3(x, self.mlp(x))
 
 
 class PatchEmbed(nn.Module):
@@ -109,7 +126,7 @@ class UViT(nn.Module):
         self.in_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth // 2))
         self.mid_block = Block(cfg)
         self.out_blocks = nn.ModuleList(Block(cfg, skip=True) for _ in range(cfg.depth // 2))
-        self.norm = nn.LayerNorm(D)
+        self.norm = LayerNorm(D)
         self.decoder_pred = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_chans)
 
     def position_embedding(self, h: int, w: int) -> torch.Tensor:

@@ -139,6 +139,8 @@ def run_x(model, tmp_path, *args):
     (["--device", "cuda:x"], ["--device", "'cuda:x'"]),
     (["--compile", "--device", "cpu"], ["--compile", "--device cuda"]),
     (["--compile", "--backend", "trtllm"], ["--compile", "--backend torch"]),
+    (["--dtype", "fp8", "--device", "cpu"], ["--dtype fp8", "CUDA"]),
+    (["--dtype", "fp8", "--backend", "trtllm"], ["--dtype fp8", "--backend torch"]),
     (["--engine-dir", "e"], ["--engine-dir", "--backend trtllm"]),
 ])
 def test_run_rejects_bad_arguments(converted, tmp_path, args, names):

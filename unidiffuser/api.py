@@ -58,14 +58,16 @@ class UniDiffuser:
 
     def __init__(self, pipeline: Text2Image, model_dir: Path, backend: str):
         self.pipeline, self.model_dir, self.backend = pipeline, Path(model_dir), backend
+        self.precision = _dtype_name(pipeline.dtype)      # what the sidecar calls it: fp32, fp16, bf16, fp8
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
              backend: str = "torch", compile: bool = False, engine_dir: str | Path | None = None,
              cfg_pair=None) -> "UniDiffuser":
-        """device: "cuda" (default when available) or "cpu"; dtype: fp16 (default on CUDA), bf16 or
-        fp32 (default on the CPU, the reference); backend "torch" or "trtllm" (engine_dir, default
+        """device: "cuda" (default when available) or "cpu"; dtype: fp16 (default on CUDA), bf16,
+        fp8 (the UViT blocks' linears in e4m3, Hopper or newer) or fp32 (default on the CPU, the
+        reference); backend "torch" or "trtllm" (engine_dir, default
         MODEL_DIR/engines); cfg_pair: this rank's half of a CFG pair under torchrun
         (`parallel.init_from_env(...).cfg_pair`). Raises ValueError (CheckpointError) with one clear
         line on bad input."""
@@ -76,11 +78,17 @@ class UniDiffuser:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         dtype = dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
         options = {"compile": True} if compile else {}
+        precision = dtype
+        if dtype == "fp8":   # the UViT blocks' linears in e4m3 (models/fp8.py), everything else fp16
+            if backend != "torch" or not str(device).startswith("cuda"):
+                raise ValueError("dtype fp8 needs the torch backend on a CUDA GPU (Hopper or newer)")
+            dtype, options["quant"] = "fp16", "fp8"
         if backend == "trtllm":
             if compile:
                 raise ValueError("compile is an option of the torch backend")
             options = {"engine_dir": None if engine_dir is None else Path(engine_dir)}
         pipe = cls(Text2Image.from_dir(model_dir, device, dtype, backend, cfg_pair=cfg_pair, **options), Path(model_dir), backend)
+        pipe.precision = precision
         if dtype == "fp32" and pipe.weights_dtype not in (None, "fp32"):
             log.warning("fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
                         "the reference needs a folder made by convert_weights.py --dtype fp32", pipe.weights_dtype)
@@ -149,7 +157,7 @@ class UniDiffuser:
         timings["total_s"] = time.perf_counter() - t0
         p = self.pipeline
         settings = {"steps": steps, "scale": scale, "height": height, "width": width, "batch": batch,
-                    "backend": self.backend, "dtype": _dtype_name(p.dtype), "device": str(p.device),
+                    "backend": self.backend, "dtype": self.precision, "device": str(p.device),
                     "model_dir": str(self.model_dir), "random_weights": self.random_weights,
                     "weights_dtype": self.weights_dtype}
         return Generation(images, each, seeds, settings, timings, per_image)

@@ -38,18 +38,28 @@ class TorchBackend:
     the fast path: fused attention kernels at half precision, bias + GELU in the MLP's GEMM
     epilogue, the VAE decoder in channels-last (cuDNN's fastest conv layout) with the fused
     GroupNorm+SiLU kernel when `plugin/` is built, the text encoder and decoder replayed as CUDA
-    graphs, optionally `torch.compile` (fuses residual + LayerNorm), and `graph_safe` so the
-    pipeline captures the whole sampling loop in one CUDA graph."""
+    graphs, the residual adds fused into the LayerNorms (Triton), optionally `torch.compile`,
+    and `graph_safe` so the pipeline captures the whole sampling loop in one CUDA graph.
+    quant="fp8" (fast path only) also runs the UViT blocks' linears in e4m3 (models/fp8.py)."""
 
     name = "torch"
 
-    def __init__(self, nets: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype, compile: bool = False):
+    def __init__(self, nets: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype, compile: bool = False,
+                 quant: str | None = None):
+        if quant not in (None, "fp8"):
+            raise ValueError(f"quant must be None or 'fp8', got {quant!r}")
         self.device, self.dtype = device, dtype
+        self.graph_safe = self.fast = device.type == "cuda" and dtype != torch.float32
+        if quant and not self.fast:
+            raise ValueError("fp8 needs the CUDA fast path (--device cuda, fp16 or bf16 networks)")
         nets = {k: v.to(device=device, dtype=dtype).eval().requires_grad_(False) for k, v in nets.items()}
         self.text_encoder, self.uvit_net, self.vae_decoder = nets["text_encoder"], nets["uvit"], nets["vae_decoder"]
-        self.graph_safe = self.fast = device.type == "cuda" and dtype != torch.float32
         if self.fast:
             make_fast(self.uvit_net, self.vae_decoder)
+        self.quant, self.fp8_weight_stats = quant, None
+        if quant == "fp8":
+            from models import fp8
+            self.fp8_weight_stats = fp8.convert_uvit(self.uvit_net)
         self._graphs: dict[tuple, tuple] = {}
         self._uvit = self.uvit_net
         if compile:
@@ -60,8 +70,8 @@ class TorchBackend:
 
     @classmethod
     def load(cls, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype,
-             compile: bool = False) -> "TorchBackend":
-        return cls(checkpoints.load_networks(model_dir, cfg, manifest, device, dtype), device, dtype, compile)
+             compile: bool = False, quant: str | None = None) -> "TorchBackend":
+        return cls(checkpoints.load_networks(model_dir, cfg, manifest, device, dtype), device, dtype, compile, quant)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
@@ -75,7 +85,8 @@ class TorchBackend:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.fast:
-            return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
+            with cudnn_autotuned():
+                return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
         return self.vae_decoder(z)
 
     def _replay(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +111,18 @@ class TorchBackend:
         return out.clone()
 
 
+@contextmanager
+def cudnn_autotuned():
+    """cuDNN's per-shape algorithm search (for the decoder's convs) without leaving the
+    process-wide flag set for whatever else runs in the process (a benchmark peer, say)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def capture_graph(fn: Callable[[], torch.Tensor], warmup: Callable[[], object] | None = None
                   ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run warmup (default: fn) once on a side stream, so that handles, autotuning and compilation
@@ -117,17 +140,21 @@ def capture_graph(fn: Callable[[], torch.Tensor], warmup: Callable[[], object] |
 
 
 def make_fast(uvit: torch.nn.Module, vae_decoder: torch.nn.Module) -> None:
-    """GEMM-epilogue GELU in the UViT; channels-last convs (cuDNN picks its fastest NHWC
-    kernels) and the fused GroupNorm in the decoder."""
-    from models import groupnorm
-    from models.uvit import Mlp
+    """In the UViT: GEMM-epilogue GELU, residual add + LayerNorm in one Triton kernel, the
+    skip concatenation as two accumulating GEMMs. In the decoder: channels-last convs (cuDNN
+    picks its fastest NHWC kernels) and the fused GroupNorm."""
+    from models import fused_norm, groupnorm
+    from models.uvit import Mlp, SkipLinear
     from models.vae_decoder import GroupNorm
 
     for m in uvit.modules():
         if isinstance(m, Mlp):
             m.fused_gelu = True
+        elif isinstance(m, fused_norm.LayerNorm):
+            m.fused = True
+        elif isinstance(m, SkipLinear):
+            m.split = True
     vae_decoder.to(memory_format=torch.channels_last)
-    torch.backends.cudnn.benchmark = True
     fused = groupnorm.available()
     for m in vae_decoder.modules():
         if isinstance(m, GroupNorm):
