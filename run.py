@@ -138,22 +138,27 @@ def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: i
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    # Every check that needs no weights runs first: arguments, the output folder, the engines, the
-    # device, the model folder's config and manifest with the memory a request needs, existing images.
+    # Every check runs before any weights are loaded: arguments and the output folder (before torch
+    # is imported), the engines, the device, the memory a request needs (from the model folder's
+    # config and manifest), existing images. Only the network files' hashing starts earlier, in
+    # daemon threads: an error still exits at once.
     check_arguments(args, len(prompts) * args.n_samples)
     check_writable(args.out)
+    if args.backend == "torch":   # the longest part of loading needs no torch: begin it now
+        from unidiffuser import folders, prefetch
+        prefetch.start(args.model_dir / f"{n}.safetensors" for n in folders.NETWORKS)
     if args.backend == "trtllm":   # before the device check: names the missing engine's build script anywhere
         from unidiffuser.trtllm_backend import check_engine_files
         check_engine_files(args.engine_dir or args.model_dir / "engines")
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    if args.backend == "torch":
-        check_memory(args.model_dir, device, dtype, args.n_samples, args.height, args.width, args.steps)
 
     from unidiffuser import parallel
     # Under torchrun: this rank's device, CFG partner and share of the images (README, "Several
     # GPUs"); a single process gets all of them, n_samples (one prompt) per batch.
     layout = parallel.init_from_env(device, cfg=args.scale != 0)
+    if args.backend == "torch":
+        check_memory(args.model_dir, str(layout.device), dtype, args.n_samples, args.height, args.width, args.steps)
     batches = layout.batches(plan_outputs(prompts, args), args.n_samples)
     if layout.writer and not args.overwrite:
         taken = [p for batch in batches for _, _, png in batch for p in (png, png.with_suffix(".json")) if p.exists()]

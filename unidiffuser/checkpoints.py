@@ -29,10 +29,10 @@ import math
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -47,7 +47,7 @@ from models.text_encoder import TextEncoder, clip_text_config
 from models.uvit import UViT
 from models.vae_decoder import VAEDecoder
 
-from . import folders, tokenizer
+from . import folders, prefetch, tokenizer
 from .files import current_umask, atomic_write, atomic_write_text, write_failure
 from .folders import NETWORKS, placement_help, sha256  # noqa: F401  (sha256: also used by engine_build)
 
@@ -63,6 +63,18 @@ class CheckpointError(ValueError):
     """A checkpoint or model folder that is missing, unreadable or of the wrong layout."""
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Module constructors' random initialisation, skipped: on the meta device there is no data to
+    fill, and running the init ops' meta kernels makes torch import its compiler stack (~1 s)."""
+    OPS = {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+           "xavier_normal_", "zeros_", "ones_", "constant_", "zero_", "fill_", "orthogonal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.OPS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 def build(name: str, cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
     """The network with torch's default initialisation; on device "meta" it has shapes only
     (built in milliseconds, to be filled with load_state_dict(assign=True))."""
@@ -70,7 +82,7 @@ def build(name: str, cfg: ModelConfig, device: str | torch.device | None = None)
             "vae_decoder": lambda: VAEDecoder(cfg.vae_decoder)}[name]
     if device is None:
         return make()
-    with torch.device(device):
+    with torch.device(device), (_SkipInit() if torch.device(device).type == "meta" else nullcontext()):
         return make()
 
 
@@ -488,8 +500,13 @@ def _load_checked(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, 
         raise CheckpointError(f"{model_dir}/manifest.json: no entry for {path.name}")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (listed in the manifest; re-run convert_weights.py)")
-    data = map_file(path)
-    digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest()) if hasher is not None else None
+    started = prefetch.take(path)       # run.py starts mapping and hashing while torch imports
+    if started is not None:
+        data, digest = started
+        digest = digest if hasher is not None else None
+    else:
+        data = map_file(path)
+        digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest()) if hasher is not None else None
     try:
         sd = _cast_all(tensors_from_bytes(data, str(path)), device, dtype)
     except CheckpointError:
@@ -523,17 +540,11 @@ def _cast_all(sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dt
 
 
 def map_file(path: Path) -> mmap.mmap:
-    """The whole file as a private copy-on-write mapping: the page cache is mapped, not copied,
-    and the tensors made from it are writable views (nothing writes them)."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise CheckpointError(f"{path}: empty file")
-        mem = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    if sys.platform == "linux":
-        try:
-            mem.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))   # map the cached pages in one call,
-        except OSError:                                            # not one fault each (Linux >= 5.14)
-            pass
+    try:
+        mem = prefetch.map_file(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    prefetch.populate(mem)
     return mem
 
 
