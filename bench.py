@@ -24,6 +24,7 @@ import argparse
 import faulthandler
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -186,15 +187,29 @@ def set_uvit_fusions(uvit, on: bool) -> None:
             m.split = on
 
 
-def make_tokenizer(tmp: Path):
+def make_tokenizer():
+    """CLIP's tokenizer from the files it ships (read once; the folder is gone afterwards)."""
+    import tempfile
+
     from unidiffuser import tokenizer
-    tokenizer.write_tokenizer_files(tmp)
-    return tokenizer.Tokenizer(tmp)
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
+        tokenizer.write_tokenizer_files(Path(tmp))
+        return tokenizer.Tokenizer(Path(tmp))
 
 
 # -- diffusers ----------------------------------------------------------------------------------
 
-def diffusers_pipeline(cfg, tok_dir: Path, device, dtype):
+def clip_tokenizer(cls):
+    """transformers' CLIPTokenizer (diffusers' pipeline wants one) on CLIP's BPE files."""
+    import tempfile
+
+    from unidiffuser import tokenizer
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
+        tokenizer.write_tokenizer_files(Path(tmp))
+        return cls.from_pretrained(tmp, model_max_length=77)
+
+
+def diffusers_pipeline(cfg, device, dtype):
     """diffusers' UniDiffuserPipeline at the same shapes, random weights. The image encoder and
     caption decoder are unused by text-to-image and built tiny."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UniDiffuserPipeline
@@ -228,7 +243,7 @@ def diffusers_pipeline(cfg, tok_dir: Path, device, dtype):
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             solver_order=3)
     pipe = UniDiffuserPipeline(vae=vae, text_encoder=text_encoder, image_encoder=image_encoder,
-                               clip_image_processor=CLIPImageProcessor(), clip_tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77),
+                               clip_image_processor=CLIPImageProcessor(), clip_tokenizer=clip_tokenizer(CLIPTokenizer),
                                text_decoder=text_decoder, text_tokenizer=None, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
@@ -239,17 +254,15 @@ def diffusers_pipeline(cfg, tok_dir: Path, device, dtype):
 def isolated_main(args) -> dict:
     """End to end for one path alone in this process. Peak memory counts everything allocated
     since the process started (weights, activations, graph pools)."""
-    import tempfile
     device = torch.device("cuda")
     dtype = checkpoints.DTYPES[args.dtype]
     cfg = PRESETS[args.preset]
     mode = args.isolated
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
-    tok = make_tokenizer(tmp)
+    tok = make_tokenizer()
     out = {"mode": mode, "end_to_end": {}}
     t0 = time.perf_counter()
     if mode.startswith("diffusers"):
-        pipe = diffusers_pipeline(cfg, tmp, device, dtype)
+        pipe = diffusers_pipeline(cfg, device, dtype)
         if mode == "diffusers-compiled":
             pipe.unet = torch.compile(pipe.unet)
         batches = args.batch_sizes[:1] if mode == "diffusers-compiled" else args.batch_sizes
@@ -309,7 +322,6 @@ def run_isolated(mode: str, args) -> dict | None:
 # -- the run ------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    import tempfile
     args = parse_args(argv)
     faulthandler.enable()          # a crash inside a native library still names the Python line
     if args.cfg_parallel:
@@ -364,8 +376,7 @@ def main(argv=None) -> int:
     use_fp8 = args.fp8 and device.type == "cuda"
     ref, fast, *fast8 = build_networks(cfg, device, dtype, copies=2 if use_fp8 else 1)
     print(f"built random {args.preset} networks in {time.perf_counter() - t0:.1f} s", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
-    tok = make_tokenizer(tmp)
+    tok = make_tokenizer()
     pipe_ref = Text2Image(TorchBackend(ref, device, torch.float32), cfg, tok)
     pipe_fast = Text2Image(TorchBackend(fast, device, dtype), cfg, tok)
     pipe_fp8 = Text2Image(TorchBackend(fast8[0], device, dtype, quant="fp8"), cfg, tok) if use_fp8 else None
@@ -451,7 +462,7 @@ def main(argv=None) -> int:
     diff_pipe = None
     if args.diffusers_in_process and not args.no_diffusers and device.type == "cuda":
         try:
-            diff_pipe = diffusers_pipeline(cfg, tmp, device, dtype)
+            diff_pipe = diffusers_pipeline(cfg, device, dtype)
         except ImportError as e:
             print(f"diffusers not measured: {e}", flush=True)
     for B in args.batch_sizes:
@@ -677,7 +688,6 @@ def cfg_parallel_main(args) -> int:
     run with the same random weights; the UViT call on 2B rows (one GPU) and on B rows (each
     rank of a pair); the pair's per-step all-gather alone, eager and captured as a graph of
     `--steps` exchanges (the way the sampling loop runs it). Rank 0 prints and writes --json."""
-    import tempfile
 
     import torch.distributed as dist
 
@@ -699,7 +709,7 @@ def cfg_parallel_main(args) -> int:
     g = torch.Generator().manual_seed(0)                       # the same weights on both ranks
     nets = {n: checkpoints.randomize_(checkpoints.build(n, cfg), g) for n in checkpoints.NETWORKS}
     backend = TorchBackend(nets, device, dtype)
-    tok = make_tokenizer(Path(tempfile.mkdtemp(prefix="bench-tok-")))
+    tok = make_tokenizer()
     one, pair = Text2Image(backend, cfg, tok), Text2Image(backend, cfg, tok, cfg_pair=pair_half)
     names = [None, None]
     dist.all_gather_object(names, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
@@ -838,13 +848,11 @@ def cold_start(args, cfg) -> dict:
     try:
         folder = work / f"diffusers-{args.preset}-{torch_dtype}"
         if not (folder / "model_index.json").is_file():
-            with tempfile.TemporaryDirectory() as tok_dir:
-                make_tokenizer(Path(tok_dir))
-                pipe = diffusers_pipeline(cfg, Path(tok_dir), "cpu", getattr(torch, torch_dtype))
-                # GPT-2's tied lm_head/wte cannot be saved as safetensors; the tiny decoder is unused
-                head = pipe.text_decoder.transformer.lm_head
-                head.weight = torch.nn.Parameter(head.weight.detach().clone())
-                pipe.save_pretrained(str(folder))
+            pipe = diffusers_pipeline(cfg, "cpu", getattr(torch, torch_dtype))
+            # GPT-2's tied lm_head/wte cannot be saved as safetensors; the tiny decoder is unused
+            head = pipe.text_decoder.transformer.lm_head
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            pipe.save_pretrained(str(folder))
             del pipe
         warm_cache(folder)
         script = work / "diffusers_cold.py"
@@ -865,4 +873,7 @@ ROOT_DIR = Path(__file__).resolve().parent
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)    # as the commands do (unidiffuser/cli.py): no teardown of graphs and NCCL groups
