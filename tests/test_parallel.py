@@ -24,7 +24,7 @@ for _p in PROMPTS:
 
 
 def launch(script, *args, nproc: int = 1, env: dict | None = None, timeout: float = 300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UNIDIFFUSER_ROOT": str(ROOT), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "UNIDIFFUSER_ROOT": str(ROOT), **(env or {})}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = (torchrun if nproc > 1 else [sys.executable]) + [str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
