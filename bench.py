@@ -336,7 +336,13 @@ def main(argv=None) -> int:
             return 2
         print("ISOLATED " + json.dumps(isolated_main(args)), flush=True)
         return 0
-    # The isolated runs go first, before this process holds any GPU memory or context.
+    # What runs in other processes goes first, while this one holds no GPU memory or context:
+    # the cold start (process start -> first PNG), then each path alone.
+    cold = cold_start(args, PRESETS[args.preset]) if args.cold_start or args.cold_start_only else None
+    if args.cold_start_only:
+        if args.json:
+            args.json.write_text(json.dumps({"argv": sys.argv[1:], "cold_start": cold}, indent=2, default=str))
+        return 0
     isolated = {}
     if device.type == "cuda" and not args.no_isolated:
         have_diffusers = importlib.util.find_spec("diffusers") is not None and not args.no_diffusers
@@ -365,12 +371,8 @@ def main(argv=None) -> int:
         del a, b
     print(f"# {report['device']}, torch {torch.__version__}, preset {args.preset}, {args.size}x{args.size}, "
           f"{args.steps} steps, fast path {args.dtype}", flush=True)
-    if args.cold_start or args.cold_start_only:   # first, while the GPU is still free
-        report["cold_start"] = cold_start(args, cfg)
-        if args.cold_start_only:
-            if args.json:
-                args.json.write_text(json.dumps(report, indent=2, default=str))
-            return 0
+    if cold is not None:
+        report["cold_start"] = cold
 
     t0 = time.perf_counter()
     use_fp8 = args.fp8 and device.type == "cuda"
@@ -781,14 +783,22 @@ image.save(out)
 
 
 def cold_start(args, cfg) -> dict:
+    """In --cold-start-dir (kept, reused), else in a temporary folder removed afterwards."""
+    import tempfile
+
+    if args.cold_start_dir is not None:
+        args.cold_start_dir.mkdir(parents=True, exist_ok=True)
+        return _cold_start(args, cfg, args.cold_start_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-cold-") as work:
+        return _cold_start(args, cfg, Path(work))
+
+
+def _cold_start(args, cfg, work: Path) -> dict:
     import re
     import shutil
     import subprocess
-    import tempfile
 
     root = ROOT_DIR
-    work = args.cold_start_dir or Path(tempfile.mkdtemp(prefix="bench-cold-"))
-    work.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"fp16": "float16", "bf16": "bfloat16"}[args.dtype] if args.device != "cpu" else "float32"
     ours_dtype = args.dtype if args.device != "cpu" else "fp32"
     model = work / f"model-{args.preset}"

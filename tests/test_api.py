@@ -194,3 +194,19 @@ def test_save_never_replaces_an_image_unless_asked(pipe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([png.name, png.with_suffix(".json").name])
     out.save(tmp_path, overwrite=True)
     assert Image.open(png).size == (32, 32)
+
+
+def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
+    """bench.py --cold-start-only: process start -> first PNG, ours (run.py) and diffusers
+    (from_pretrained of a saved folder), each twice, with our split; its folder is reused."""
+    pytest.importorskip("diffusers", reason="diffusers (the benchmark peer) is not installed")
+    out = tmp_path / "cold.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "tiny", "--device", "cpu", "--steps", "2",
+                        "--size", "128", "--cold-start-only", "--cold-start-dir", tmp_path / "work", "--json", out],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cold = json.loads(out.read_text())["cold_start"]
+    assert len(cold["ours"]) == 2 and len(cold["diffusers"]) == 2
+    for run in cold["ours"]:
+        assert 0 < run["imports_s"] < run["to_png_s"] <= run["to_exit_s"] and run["load_s"] > 0
+    assert all(run["to_png_s"] > 0 for run in cold["diffusers"])
