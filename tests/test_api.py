@@ -210,3 +210,13 @@ def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
     for run in cold["ours"]:
         assert 0 < run["imports_s"] < run["to_png_s"] <= run["to_exit_s"] and run["load_s"] > 0
     assert all(run["to_png_s"] > 0 for run in cold["diffusers"])
+
+
+def test_fp8_refused_before_loading_on_a_gpu_without_fp8_units(model, monkeypatch):
+    """An A100 (sm_80) has no e4m3 matrix units: a clear error, before any weights are read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(checkpoints, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="fp8 needs a GPU with fp8 matrix units.*A100.*use fp16"):
+        UniDiffuser.load(model, device="cuda", dtype="fp8")

@@ -82,6 +82,9 @@ class UniDiffuser:
         if dtype == "fp8":   # the UViT blocks' linears in e4m3 (models/fp8.py), everything else fp16
             if backend != "torch" or not str(device).startswith("cuda"):
                 raise ValueError("dtype fp8 needs the torch backend on a CUDA GPU (Hopper or newer)")
+            if torch.cuda.get_device_capability(torch.device(device)) < (8, 9):   # e4m3 GEMMs: sm_89 and up
+                raise ValueError(f"dtype fp8 needs a GPU with fp8 matrix units (Ada, Hopper or newer); "
+                                 f"{torch.cuda.get_device_name(torch.device(device))} has none: use fp16")
             dtype, options["quant"] = "fp16", "fp8"
         if backend == "trtllm":
             if compile:
