@@ -786,14 +786,16 @@ def cold_start(args, cfg) -> dict:
     """In --cold-start-dir (kept, reused), else in a temporary folder removed afterwards."""
     import tempfile
 
-    if args.cold_start_dir is not None:
+    if args.cold_start_dir is not None:      # its model folders are kept; the runs' files are not
         args.cold_start_dir.mkdir(parents=True, exist_ok=True)
-        return _cold_start(args, cfg, args.cold_start_dir)
+        with tempfile.TemporaryDirectory(prefix="runs-", dir=args.cold_start_dir) as scratch:
+            return _cold_start(args, cfg, args.cold_start_dir, Path(scratch))
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as work:
-        return _cold_start(args, cfg, Path(work))
+        return _cold_start(args, cfg, Path(work), Path(work))
 
 
-def _cold_start(args, cfg, work: Path) -> dict:
+def _cold_start(args, cfg, work: Path, scratch: Path) -> dict:
+    """Model folders in work (reused when there), everything else in scratch (the caller's)."""
     import re
     import shutil
     import subprocess
@@ -805,8 +807,7 @@ def _cold_start(args, cfg, work: Path) -> dict:
     if not (model / "manifest.json").is_file():
         t = time.perf_counter()
         subprocess.run([sys.executable, str(root / "convert_weights.py"), "--random", args.preset, "--src",
-                        str(work / f"src-{args.preset}"), "--out", str(model), "--overwrite"], check=True, cwd=root)
-        shutil.rmtree(work / f"src-{args.preset}", ignore_errors=True)
+                        str(scratch / f"src-{args.preset}"), "--out", str(model)], check=True, cwd=root)
         print(f"cold start: wrote {model} in {time.perf_counter() - t:.0f} s", flush=True)
     report = {"prompt": COLD_PROMPT, "steps": args.steps, "size": args.size, "device": args.device, "ours": [], "diffusers": []}
 
@@ -837,7 +838,7 @@ def _cold_start(args, cfg, work: Path) -> dict:
 
     warm_cache(model)
     for run in range(2):
-        out = work / f"out-ours-{run}"
+        out = scratch / f"out-ours-{run}"
         cmd = [sys.executable, str(root / "run.py"), "--model-dir", str(model), "--prompt", COLD_PROMPT, "--out", str(out),
                "--device", args.device, "--dtype", ours_dtype, "--steps", str(args.steps),
                "--height", str(args.size), "--width", str(args.size)]
@@ -865,10 +866,10 @@ def _cold_start(args, cfg, work: Path) -> dict:
             pipe.save_pretrained(str(folder))
             del pipe
         warm_cache(folder)
-        script = work / "diffusers_cold.py"
+        script = scratch / "diffusers_cold.py"
         script.write_text(DIFFUSERS_COLD)
         for run in range(2):
-            out = work / f"out-diffusers-{run}"
+            out = scratch / f"out-diffusers-{run}"
             cmd = [sys.executable, str(script), str(folder), args.device, torch_dtype, str(args.steps), str(args.size),
                    str(out / "image.png"), COLD_PROMPT]
             png, done, _ = first_png(cmd, out)

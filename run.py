@@ -151,6 +151,9 @@ def main(argv=None) -> int:
         from unidiffuser.trtllm_backend import check_engine_files
         check_engine_files(args.engine_dir or args.model_dir / "engines")
     device = resolve_device(args.device)
+    if device == "cpu" and (args.compile or args.dtype == "fp8"):   # the default device, resolved: no GPU here
+        raise ValueError(f"{'--compile' if args.compile else '--dtype fp8'} needs a CUDA GPU, and none is available "
+                         "here (the default --device is cpu)")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
 
     from unidiffuser import parallel

@@ -87,6 +87,8 @@ def test_same_pixels_as_run_py(pipe, model, tmp_path):
     (dict(prompt="x", seed=2**64 - 1, n=2), r"--seed: every image's seed must be an integer in \[0, 2\*\*64\)"),
     (dict(prompt="x", seeds=[-1]), "--seed"),
     (dict(prompt=["x", "y"], batch=0), "batch must be >= 1"),
+    (dict(prompt="x", seeds=[1.9]), "seeds must be integers, got 1.9"),
+    (dict(prompt="x", seed="1"), "seed must be an integer, got '1'"),
 ])
 def test_bad_arguments_raise_value_error(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -634,3 +634,12 @@ def test_ctrl_c_exits_130_without_traceback(capsys):
     with pytest.raises(SystemExit) as e:
         cli_module.run(interrupted)
     assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default device here is a GPU; this case needs a CPU-only machine")
+@pytest.mark.parametrize("args, names", [(["--compile"], ["--compile", "CUDA GPU"]),
+                                         (["--dtype", "fp8"], ["--dtype fp8", "CUDA GPU"])])
+def test_gpu_only_options_on_the_default_cpu_device_refused_before_loading(converted, tmp_path, args, names):
+    r = run_x(converted[1], tmp_path, *args)
+    refused(r, *names)
+    assert "loaded" not in r.stderr    # no weights were read

@@ -248,3 +248,12 @@ def test_plugin_lib_is_stored_absolute(monkeypatch, tmp_path):
     args = SimpleNamespace(plugin_lib=Path("build/libunidiffuser_plugins.so"), max_batch_size=1)
     _, _, _, plugins = build_decoder.build(args, {}, None, (None, (8, 8)))
     assert plugins["plugin_lib"] == str(lib.resolve())
+
+
+@pytest.mark.parametrize("script", ["build_clip.py", "build_uvit.py", "build_decoder.py"])
+def test_build_script_never_writes_over_a_folder_it_did_not_make(model_dir, script):
+    """--output-dir pointing at the model folder: refused before anything is built or written."""
+    before = {p: p.read_bytes() for p in model_dir.glob("*.json")}
+    r = run(script, "--model-dir", model_dir, "--output-dir", model_dir)
+    assert r.returncode == 2 and "--output-dir" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in model_dir.glob("*.json")} == before

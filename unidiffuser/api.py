@@ -82,8 +82,8 @@ class UniDiffuser:
         if dtype == "fp8":   # the UViT blocks' linears in e4m3 (models/fp8.py), everything else fp16
             if backend != "torch" or not str(device).startswith("cuda"):
                 raise ValueError("dtype fp8 needs the torch backend on a CUDA GPU (Hopper or newer)")
-            if torch.cuda.get_device_capability(torch.device(device)) < (8, 9):   # e4m3 GEMMs: sm_89 and up
-                raise ValueError(f"dtype fp8 needs a GPU with fp8 matrix units (Ada, Hopper or newer); "
+            if torch.cuda.get_device_capability(torch.device(device)) < (9, 0):   # models/fp8.py: rowwise-scaled e4m3
+                raise ValueError(f"dtype fp8 needs a GPU with fp8 matrix units (Hopper or newer); "
                                  f"{torch.cuda.get_device_name(torch.device(device))} has none: use fp16")
             dtype, options["quant"] = "fp16", "fp8"
         if backend == "trtllm":
@@ -129,9 +129,16 @@ class UniDiffuser:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"--n-samples must be >= 1, got {n}")
         total = len(prompts) * n
+        def is_int(s):
+            return isinstance(s, int) and not isinstance(s, bool)
+
         if seeds is None:
+            if not is_int(seed):
+                raise ValueError(f"seed must be an integer, got {seed!r}")
             seeds = [seed + i for i in range(total)]
-        seeds = [int(s) for s in seeds]
+        seeds = list(seeds)
+        if not all(is_int(s) for s in seeds):
+            raise ValueError(f"seeds must be integers, got {next(s for s in seeds if not is_int(s))!r}")
         if len(seeds) != total:
             raise ValueError(f"seeds: need one per image ({len(prompts)} prompt(s) x {n}), got {len(seeds)}")
         batch = n if batch is None else batch

@@ -17,11 +17,11 @@ from pathlib import Path
 from models.config import ModelConfig
 
 from . import checkpoints, trtllm_checkpoint
+from .build_args import NO_TRTLLM
 from .files import atomic_write, atomic_write_text
 
 ENGINE_FILE, CONFIG_FILE, FORMAT = "rank0.engine", "config.json", 1
 SCRIPTS = {"text_encoder": "build_clip.py", "uvit": "build_uvit.py", "vae_decoder": "build_decoder.py"}
-NO_TRTLLM = ("tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md")
 
 
 class EngineError(ValueError):
@@ -93,6 +93,25 @@ def build_serialized(network_module, weights_path: Path, max_rows: int, fused_at
     return engine
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """An engine folder is replaced only when it holds an engine of ours (or nothing): --output-dir
+    pointing at a model folder or anything else must not lose its config.json."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--output-dir {out_dir}: not a folder")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in (CONFIG_FILE, ENGINE_FILE))
+    try:
+        ours = not (out_dir / CONFIG_FILE).exists() or \
+            json.loads((out_dir / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if foreign or not ours:
+        raise ValueError(f"--output-dir {out_dir}: holds files that are not an engine of build_*.py "
+                         f"({', '.join(foreign) or CONFIG_FILE}); give an empty or new folder")
+
+
 def write_engine(out_dir: Path, engine_bytes, config: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +140,7 @@ def main(net: str, argv, build_fn) -> int:
     try:
         args = build_fn.parse(argv)
         ckpt_config, weights = trtllm_checkpoint.read_checkpoint(args.checkpoint_dir, net)
+        check_output_dir(args.output_dir)
         prepared = build_fn.prepare(args, ckpt_config)
     except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -158,7 +158,11 @@ def init_from_env(device: str | torch.device, cfg: bool = True) -> Layout:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Layout(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        raise ValueError(f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or not integers: start several "
+                         "processes with torchrun (README, \"Several GPUs and nodes\")") from None
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; give --device cuda")

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -111,16 +112,27 @@ class TorchBackend:
         return out.clone()
 
 
+_autotune_lock = threading.Lock()
+_autotune_users: list = [0, False]     # decoders inside cudnn_autotuned now; the flag they found
+
+
 @contextmanager
 def cudnn_autotuned():
     """cuDNN's per-shape algorithm search (for the decoder's convs) without leaving the
-    process-wide flag set for whatever else runs in the process (a benchmark peer, say)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    process-wide flag set for whatever else runs in the process (a benchmark peer, say). Counted,
+    so that pipelines decoding at once in several threads restore it only when the last leaves."""
+    with _autotune_lock:
+        if _autotune_users[0] == 0:
+            _autotune_users[1] = torch.backends.cudnn.benchmark
+        _autotune_users[0] += 1
+        torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = saved
+        with _autotune_lock:
+            _autotune_users[0] -= 1
+            if _autotune_users[0] == 0:
+                torch.backends.cudnn.benchmark = _autotune_users[1]
 
 
 def capture_graph(fn: Callable[[], torch.Tensor], warmup: Callable[[], object] | None = None
