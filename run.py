@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import re
 import tempfile
 from pathlib import Path
 
-from unidiffuser import cli, memory
+from unidiffuser import cli, limits, memory
 
 log = logging.getLogger("unidiffuser")
 
 # The choices of unidiffuser.checkpoints.DTYPES and pipeline.BACKENDS, spelled out so that
 # --help and argument errors answer before torch is imported.
 DTYPES, BACKENDS = ("bf16", "fp16", "fp32", "fp8"), ("torch", "trtllm")
-MAX_STEPS = 1000   # the discrete noise schedule has 1000 steps; the solver needs no more
 MAX_BATCH = 4096   # one batch; far beyond what any GPU holds at 512x512 (the memory check says what fits)
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
@@ -68,15 +66,11 @@ def check_arguments(args, n_images: int) -> None:
     """Everything about the arguments that needs neither torch nor the model folder."""
     if not 1 <= args.n_samples <= MAX_BATCH:
         raise ValueError(f"--n-samples must be in 1..{MAX_BATCH} (one batch), got {args.n_samples}")
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
-    if not math.isfinite(args.scale):
-        raise ValueError(f"--scale must be a finite number, got {args.scale}")
+    limits.check_steps(args.steps)
+    limits.check_scale(args.scale)
     for name in ("height", "width"):
-        v = getattr(args, name)
-        if v is not None and (v <= 0 or v % 16 or v > memory.MAX_SIDE):
-            raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches) of at most "
-                             f"{memory.MAX_SIDE}, got {v}")
+        if getattr(args, name) is not None:   # None: the model's default size
+            limits.check_side(name, getattr(args, name))
     if not 0 <= args.seed <= 2**64 - n_images:   # torch.Generator.manual_seed takes [0, 2**64)
         raise ValueError(f"--seed must be in [0, 2**64 - {n_images}] (image i uses seed + i, {n_images} image(s)), "
                          f"got {args.seed}")

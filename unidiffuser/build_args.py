@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from .memory import MAX_SIDE
+from .limits import MAX_SIDE, check_side
 
 MAX_BATCH = 4096   # as run.py's --n-samples
 NO_TRTLLM = "tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md"
@@ -40,8 +40,10 @@ def parse_args(net: str, argv=None, sizes: bool = False, plugin: bool = False):
         p.error(f"--max-batch-size must be in 1..{MAX_BATCH}, got {args.max_batch_size}")
     for name in ("height", "width") if sizes else ():
         v = getattr(args, name)   # None is the model's default; 0 is not
-        if v is not None and (v <= 0 or v % 16 or v > MAX_SIDE):
-            p.error(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches) of at most {MAX_SIDE}, got {v}")
+        try:
+            v is None or check_side(name, v)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

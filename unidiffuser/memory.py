@@ -27,12 +27,10 @@ from dataclasses import dataclass
 
 from models.config import ModelConfig
 
+from .limits import MAX_SIDE
+
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 2}   # fp8 loads fp16 first, the rest stays fp16
-# The largest image side any command accepts: 8x the side v1 was trained at (512). Beyond it
-# the UViT's interpolated positional embedding has nothing left to say, and the decoder alone
-# needs tens of GiB.
-MAX_SIDE = 4096
 
 
 @dataclass

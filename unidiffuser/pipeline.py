@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -22,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.config import ModelConfig
 
-from . import checkpoints, parallel, sampler
+from . import checkpoints, limits, parallel, sampler
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("unidiffuser")
@@ -193,14 +192,10 @@ class Request:
     def validate(self) -> None:
         if len(self.prompts) != len(self.seeds) or not self.prompts:
             raise ValueError("need one seed per prompt, and at least one prompt")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 16:
-                raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches), got {v}")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= sampler.NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"--steps must be in 1..{sampler.NUM_TRAIN_TIMESTEPS}, got {self.steps}")
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"--scale must be a finite number, got {self.scale}")
+        limits.check_side("height", self.height)
+        limits.check_side("width", self.width)
+        limits.check_steps(self.steps)
+        limits.check_scale(self.scale)
         bad = [s for s in self.seeds if not isinstance(s, int) or not 0 <= s < 2**64]
         if bad:   # torch.Generator.manual_seed takes [0, 2**64)
             raise ValueError(f"--seed: every image's seed must be an integer in [0, 2**64), got {bad[0]}")
