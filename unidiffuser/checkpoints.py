@@ -22,7 +22,6 @@ Checkpoints are loaded with `torch.load(weights_only=True)` (no pickled code run
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -31,7 +30,6 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -450,12 +448,7 @@ def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, v
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One network's state dict from the converted folder, checked against the manifest (sha256
     of the bytes read, names, shapes), floating tensors cast to dtype (default: as stored) on device."""
-    hasher = ThreadPoolExecutor(1) if verify else None
-    try:
-        return _load_checked(Path(model_dir), name, cfg, manifest, hasher, torch.device(device), dtype)()
-    finally:
-        if hasher is not None:
-            hasher.shutdown()
+    return _load_checked(Path(model_dir), name, manifest, verify, torch.device(device), dtype)(build(name, cfg, "meta"))
 
 
 def load_networks(model_dir: Path, cfg: ModelConfig, manifest: dict, device: str | torch.device,
@@ -472,13 +465,12 @@ def load_networks(model_dir: Path, cfg: ModelConfig, manifest: dict, device: str
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(len(NETWORKS)) as hasher:
-            # Largest file first: its hash takes longest and starts earliest.
-            order = sorted(NETWORKS, key=lambda n: -manifest["files"].get(f"{n}.safetensors", {}).get("bytes", 0))
-            pending = [(name, _load_checked(model_dir, name, cfg, manifest, hasher, device, dtype)) for name in order]
-            for name, finish in pending:
-                nets[name] = build(name, cfg, device="meta")
-                nets[name].load_state_dict(finish(), assign=True)
+        # Largest file first: its hash takes longest and starts earliest.
+        order = sorted(NETWORKS, key=lambda n: -manifest["files"].get(f"{n}.safetensors", {}).get("bytes", 0))
+        pending = [(name, _load_checked(model_dir, name, manifest, True, device, dtype)) for name in order]
+        for name, finish in pending:
+            nets[name] = build(name, cfg, device="meta")
+            nets[name].load_state_dict(finish(nets[name]), assign=True)
     finally:
         torch.set_num_threads(threads)
     for name, net in nets.items():
@@ -490,23 +482,23 @@ def load_networks(model_dir: Path, cfg: ModelConfig, manifest: dict, device: str
     return {name: nets[name] for name in NETWORKS}
 
 
-def _load_checked(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, hasher: ThreadPoolExecutor | None,
-                  device: torch.device, dtype: torch.dtype | None) -> Callable[[], dict[str, torch.Tensor]]:
-    """Read the file once and start hashing those bytes; the returned function waits for the hash,
-    and returns the checked state dict (its tensors cast and moved while the hash ran)."""
+def _load_checked(model_dir: Path, name: str, manifest: dict, verify: bool, device: torch.device,
+                  dtype: torch.dtype | None) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """Map the file once (or take the mapping run.py started, see prefetch.py) and hash it in a
+    thread; the tensors are cast and moved meanwhile. The returned function waits for the hash
+    and returns the state dict, checked against the (meta) network it is for."""
     path = model_dir / f"{name}.safetensors"
     entry = manifest["files"].get(path.name)
     if entry is None:
         raise CheckpointError(f"{model_dir}/manifest.json: no entry for {path.name}")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (listed in the manifest; re-run convert_weights.py)")
-    started = prefetch.take(path)       # run.py starts mapping and hashing while torch imports
-    if started is not None:
-        data, digest = started
-        digest = digest if hasher is not None else None
-    else:
-        data = map_file(path)
-        digest = hasher.submit(lambda: hashlib.sha256(data).hexdigest()) if hasher is not None else None
+    started = prefetch.take(path)
+    data, digest = started if started is not None else (map_file(path), None)
+    if verify and digest is None:
+        digest = prefetch.sha256_in_thread(data)
+    if not verify:
+        digest = None
     try:
         sd = _cast_all(tensors_from_bytes(data, str(path)), device, dtype)
     except CheckpointError:
@@ -514,10 +506,10 @@ def _load_checked(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, 
             raise _sha_mismatch(path) from None
         raise
 
-    def finish() -> dict[str, torch.Tensor]:
+    def finish(net: nn.Module) -> dict[str, torch.Tensor]:
         if digest is not None and digest.result() != entry["sha256"]:
             raise _sha_mismatch(path)
-        check_state_dict(build(name, cfg, device="meta"), sd, str(path))
+        check_state_dict(net, sd, str(path))
         return sd
 
     return finish

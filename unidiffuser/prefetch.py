@@ -1,8 +1,8 @@
 """The network files, mapped and hashed in background threads from a command's first second.
 
 Hashing 2 GB is the longest part of loading v1 and needs no torch, so run.py starts it here, once
-its arguments are checked, and torch's import (seconds) runs beside it. checkpoints.load_networks
-then takes each file's mapping and digest from here instead of starting its own. The threads are
+its arguments are checked, and torch's import (seconds) runs beside it. The loader
+(checkpoints.py) takes each file's mapping and digest from here, or starts them itself the same way. The threads are
 daemons: a command that stops on a later error exits at once, not after the hashing."""
 from __future__ import annotations
 
