@@ -66,7 +66,7 @@ def test_text_encoder(nets):
 
 
 @torch.no_grad()
-def test_graphed_loop_equals_eager_and_tracks_fp32(nets, tmp_path):
+def test_graphed_sampling_equals_eager_and_tracks_fp32(nets, tmp_path):
     from unidiffuser import tokenizer
     ref, fast = nets
     tokenizer.write_tokenizer_files(tmp_path)

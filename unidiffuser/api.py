@@ -122,7 +122,8 @@ class UniDiffuser:
 
         seeds: one per image (len(prompts) * n), instead of seed, seed + 1, ...; batch: images per
         batch (default n: one batch per prompt; a batch may mix prompts); progress(batch, step) is
-        called after each sampling step of each batch (on the CUDA-graph path, at its end)."""
+        called after each sampling step of each batch (on the CUDA-graph path, when the step is
+        queued on the GPU: the bar runs ahead of the GPU and the last step waits for it)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("give at least one prompt (a string or a list of strings)")

@@ -13,7 +13,7 @@ The estimate (bytes, at the networks' dtype) is the sum of:
                times 4 live tensors, plus the mid-block attention over the h x w latent, counted
                as a full (hw)^2 matrix (its one head of 512 channels is outside the fused kernels)
   solver       the DPM-Solver++ state and the unconditional branch's text noise, fp32
-On CUDA at fp16/bf16 the sampling loop and the decoder are each captured as a CUDA graph whose
+On CUDA at fp16/bf16 the UViT call and the decoder are each captured as a CUDA graph whose
 memory stays reserved, so their activations add up; otherwise the larger of the two counts.
 Checked against v1 (models/config.py) in fp16 with CUDA graphs: 512x512 batch 1 is estimated at
 2.8 GiB, batch 8 at 7.9 GiB (2.0 of weights, 5.9 of activations; the H100 benchmark measured

@@ -81,7 +81,7 @@ class CfgPair:
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """[rows, ...] of this rank -> [2 * rows, ...]: cond rows then uncond rows. One collective;
-        graph-safe on NCCL (the pipeline captures it with the sampling loop)."""
+        graph-safe on NCCL (the pipeline captures it with the UViT call)."""
         full = out.new_empty((2 * out.shape[0], *out.shape[1:]))
         # torch >= 2.13 renames all_gather_into_tensor (same semantics; the old name warns)
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

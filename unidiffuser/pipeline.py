@@ -6,7 +6,6 @@ only in how they run the networks.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -39,7 +38,7 @@ class TorchBackend:
     epilogue, the VAE decoder in channels-last (cuDNN's fastest conv layout) with the fused
     GroupNorm+SiLU kernel when `plugin/` is built, the text encoder and decoder replayed as CUDA
     graphs, the residual adds fused into the LayerNorms (Triton), optionally `torch.compile`,
-    and `graph_safe` so the pipeline captures the whole sampling loop in one CUDA graph.
+    and `graph_safe` so the pipeline replays each model evaluation from a CUDA graph.
     quant="fp8" (fast path only) also runs the UViT blocks' linears in e4m3 (models/fp8.py)."""
 
     name = "torch"
@@ -71,7 +70,13 @@ class TorchBackend:
     @classmethod
     def load(cls, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype,
              compile: bool = False, quant: str | None = None) -> "TorchBackend":
-        return cls(checkpoints.load_networks(model_dir, cfg, manifest, device, dtype), device, dtype, compile, quant)
+        warming = warm_up_in_background(cfg, device, dtype) if device.type == "cuda" and dtype != torch.float32 else None
+        try:
+            nets = checkpoints.load_networks(model_dir, cfg, manifest, device, dtype)
+        finally:
+            if warming is not None:
+                warming.join()
+        return cls(nets, device, dtype, compile, quant)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
@@ -84,9 +89,11 @@ class TorchBackend:
         return z_out, clip_img_out
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        # No cuDNN autotuning (cudnn.benchmark): on an H200 it cost 0.8 s on the first image and
+        # bought nothing (graphed decoder 7.64 ms with it, 7.62 without; cuDNN's heuristics already
+        # pick its NHWC kernels).
         if self.fast:
-            with cudnn_autotuned():
-                return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
+            return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
         return self.vae_decoder(z)
 
     def _replay(self, name: str, fn, x: torch.Tensor) -> torch.Tensor:
@@ -111,29 +118,6 @@ class TorchBackend:
         return out.clone()
 
 
-_autotune_lock = threading.Lock()
-_autotune_users: list = [0, False]     # decoders inside cudnn_autotuned now; the flag they found
-
-
-@contextmanager
-def cudnn_autotuned():
-    """cuDNN's per-shape algorithm search (for the decoder's convs) without leaving the
-    process-wide flag set for whatever else runs in the process (a benchmark peer, say). Counted,
-    so that pipelines decoding at once in several threads restore it only when the last leaves."""
-    with _autotune_lock:
-        if _autotune_users[0] == 0:
-            _autotune_users[1] = torch.backends.cudnn.benchmark
-        _autotune_users[0] += 1
-        torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        with _autotune_lock:
-            _autotune_users[0] -= 1
-            if _autotune_users[0] == 0:
-                torch.backends.cudnn.benchmark = _autotune_users[1]
-
-
 def capture_graph(fn: Callable[[], torch.Tensor], warmup: Callable[[], object] | None = None
                   ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run warmup (default: fn) once on a side stream, so that handles, autotuning and compilation
@@ -154,22 +138,68 @@ def make_fast(uvit: torch.nn.Module, vae_decoder: torch.nn.Module) -> None:
     """In the UViT: GEMM-epilogue GELU, residual add + LayerNorm in one Triton kernel, the
     skip concatenation as two accumulating GEMMs. In the decoder: channels-last convs (cuDNN
     picks its fastest NHWC kernels) and the fused GroupNorm."""
-    from models import fused_norm, groupnorm
-    from models.uvit import Mlp, SkipLinear
+    from models import groupnorm
     from models.vae_decoder import GroupNorm
 
-    for m in uvit.modules():
+    make_uvit_fast(uvit)
+    vae_decoder.to(memory_format=torch.channels_last)
+    fused = groupnorm.available()
+    for m in vae_decoder.modules():
+        if isinstance(m, GroupNorm):
+            m.fused = fused
+
+
+def make_uvit_fast(module: torch.nn.Module) -> None:
+    """The UViT's fusions, on a whole UViT or any of its blocks."""
+    from models import fused_norm
+    from models.uvit import Mlp, SkipLinear
+
+    for m in module.modules():
         if isinstance(m, Mlp):
             m.fused_gelu = True
         elif isinstance(m, fused_norm.LayerNorm):
             m.fused = True
         elif isinstance(m, SkipLinear):
             m.split = True
-    vae_decoder.to(memory_format=torch.channels_last)
-    fused = groupnorm.available()
-    for m in vae_decoder.modules():
-        if isinstance(m, GroupNorm):
-            m.fused = fused
+
+
+def warm_up_in_background(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> threading.Thread:
+    """A thread that runs one UViT out-block (at the default size's sequence length), the patch
+    convolution, a decoder-sized convolution and the fused GroupNorm on throwaway weights, so that
+    what a process pays on the first use of each (loading cuDNN and cuBLAS kernels, cuDNN's
+    attention plan, Triton's cached kernel and its launcher, the plugin library: about a second
+    on an H200) overlaps the loading of the weights instead of delaying the first image. Nothing
+    it makes is kept; a failure only loses the head start (logged at debug level)."""
+    def work():
+        try:
+            from models import groupnorm
+            from models.uvit import Block, PatchEmbed
+
+            u, v = cfg.uvit, cfg.vae_decoder
+            side = cfg.default_size // v.downsample
+            tokens = 3 + u.num_text_tokens + 1 + (side // u.patch_size) ** 2
+            with torch.no_grad(), torch.device(device):
+                block = Block(u, skip=True).to(dtype)
+                make_uvit_fast(block)
+                x = torch.randn(2, tokens, u.embed_dim, dtype=dtype)
+                with sdpa_kernel(FAST_SDPA, set_priority=True):
+                    block(x, x)
+                PatchEmbed(u).to(dtype)(torch.randn(2, u.in_chans, side, side, dtype=dtype))
+                c = v.ch * v.ch_mult[-1]
+                h = torch.randn(1, c, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+                conv(h)
+                if groupnorm.available():
+                    groupnorm.group_norm(h, torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype), v.num_groups,
+                                         1e-6, True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        except Exception as e:   # noqa: BLE001 - a head start, never a reason to fail
+            log.debug("warm-up thread: %s: %s", type(e).__name__, e)
+
+    thread = threading.Thread(target=work, name="warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _trtllm_backend(*args, **kwargs):
@@ -214,7 +244,7 @@ class Text2Image:
         self.manifest = manifest or {}
         self.cfg_pair = cfg_pair      # under torchrun: run only this rank's half of the CFG rows
         self.device, self.dtype = backend.device, backend.dtype
-        self._graphs: dict[tuple, _GraphedLoop] = {}
+        self._graphs: dict[tuple, _GraphedNoise] = {}
         self.load_timings: dict[str, float] = {}
 
     @classmethod
@@ -255,15 +285,16 @@ class Text2Image:
         return (torch.stack(zs).to(self.device), torch.stack(clips).to(self.device),
                 torch.stack(texts, dim=1).to(self.device))
 
-    def noise_fn(self, text: torch.Tensor, text_uncond: torch.Tensor, z_shape, scale: float):
-        """The CFG noise prediction on the flat state x = [z | clip_img] that the solver moves.
+    def guided_noise(self, batch: int, z_shape, scale: float) -> tuple[Callable, int]:
+        """The CFG noise prediction on the flat state x = [z | clip_img] that the solver moves, as
+        fn(x, text, text_uncond, t_img) -> eps, and the number of UViT rows it runs.
 
         Conditional rows see the prompt at t_text = 0; unconditional rows ('true_uncond') see
         fresh N(0, I) text at t_text = N. Both run as one batch, or, in a CFG pair of GPUs
         (`parallel.CfgPair`), each rank runs one half and the pair exchanges the outputs, so both
         hold every row and take the same solver step. The solver state stays fp32 (as under the
         original's autocast); the network runs in the backend's dtype."""
-        B, dt, N = text.shape[0], self.dtype, sampler.NUM_TRAIN_TIMESTEPS
+        B, dt, N = batch, self.dtype, sampler.NUM_TRAIN_TIMESTEPS
         zdim = z_shape.numel()
         pair = self.cfg_pair if scale != 0 else None
         halves = [0] if scale == 0 else [pair.half] if pair is not None else [0, 1]    # 0: cond rows, 1: uncond rows
@@ -271,11 +302,10 @@ class Text2Image:
         t_text = torch.cat([torch.full((B,), float(h * N)) for h in halves]).to(self.device)
         data_type = torch.full((rows,), DATA_TYPE, device=self.device, dtype=torch.long)
 
-        def fn(x: torch.Tensor, k: int, t: float) -> torch.Tensor:
+        def fn(x: torch.Tensor, text: torch.Tensor, text_uncond: torch.Tensor, t_img: torch.Tensor) -> torch.Tensor:
             z = x[:, :zdim].reshape(B, *z_shape).repeat(len(halves), 1, 1, 1)
             clip_img = x[:, zdim:].reshape(B, 1, -1).repeat(len(halves), 1, 1)
-            txt = torch.cat([text_uncond[k] if h else text for h in halves])
-            t_img = torch.full((rows,), t * N, device=self.device)
+            txt = torch.cat([text_uncond if h else text for h in halves])
             z_out, clip_out = self.backend.uvit(z.to(dt), clip_img.to(dt), txt.to(dt), t_img, t_text, data_type)
             out = torch.cat([z_out.reshape(rows, -1), clip_out.reshape(rows, -1)], dim=1)
             if pair is not None:   # all rows, cond then uncond, on both ranks of the pair
@@ -286,7 +316,14 @@ class Text2Image:
             cond, uncond = out.chunk(2)
             return cond + scale * (cond - uncond)
 
-        return fn
+        return fn, rows
+
+    def noise_fn(self, text: torch.Tensor, text_uncond: torch.Tensor, z_shape, scale: float) -> sampler.NoiseFn:
+        """guided_noise as the solver calls it: fn(x, k, t), k the model evaluation (it picks
+        the unconditional text noise drawn for it), t the continuous time."""
+        guided, rows = self.guided_noise(text.shape[0], z_shape, scale)
+        N = sampler.NUM_TRAIN_TIMESTEPS
+        return lambda x, k, t: guided(x, text, text_uncond[k], torch.full((rows,), t * N, device=self.device))
 
     @torch.no_grad()
     def __call__(self, req: Request, progress: Callable[[int], None] | None = None) -> Result:
@@ -315,25 +352,22 @@ class Text2Image:
 
     def sample_graphed(self, x, text, text_uncond, z_shape, req: Request, progress=None,
                        timings: dict | None = None) -> torch.Tensor:
-        """The whole sampling loop as one CUDA graph: its schedule is static, its random draws
-        are inputs, so after one capture per (batch, size, steps, scale) a request is three
-        copies and one replay, with no host work or synchronisation between the 50 UViT calls."""
+        """The solver with each model evaluation (the CFG-batched UViT call and the guidance)
+        replayed from a CUDA graph, captured once per (batch, size, scale): any step count reuses
+        it, and capturing costs one UViT call, not fifty. The solver's few vector operations
+        between replays are launched ahead of the GPU, never waited for."""
         key = graph_key(x, text, z_shape, req)
-        loop = self._graphs.get(key)
-        if loop is None:
+        graphed = self._graphs.get(key)
+        if graphed is None:
             t0 = time.perf_counter()
-            loop = self._graphs[key] = _GraphedLoop(self, x, text, text_uncond, z_shape, req)
+            graphed = self._graphs[key] = _GraphedNoise(self, x, text, text_uncond[0], z_shape, req.scale)
             if timings is not None:
                 torch.cuda.synchronize()
                 timings["capture_s"] = time.perf_counter() - t0
-            log.info("captured the sampling loop for batch %d, %dx%d latents, %d steps, scale %g in %.2f s "
-                     "(once per batch, size, steps and scale)", text.shape[0], z_shape[-2], z_shape[-1],
-                     req.steps, req.scale, time.perf_counter() - t0)
-        out = loop.run(x, text, text_uncond)
-        if progress is not None:
-            for k in range(req.steps):
-                progress(k + 1)
-        return out
+            log.info("captured the UViT call for batch %d, %dx%d latents, scale %g in %.2f s "
+                     "(once per batch, size and scale)", text.shape[0], z_shape[-2], z_shape[-1],
+                     req.scale, time.perf_counter() - t0)
+        return sampler.sample(graphed.noise_fn(text, text_uncond), x, sampler.plan(req.steps), callback=progress)
 
     @contextmanager
     def _timed(self, timings: dict, key: str):
@@ -346,30 +380,36 @@ class Text2Image:
 
 
 def graph_key(x: torch.Tensor, text: torch.Tensor, z_shape, req: Request) -> tuple:
-    """What a captured sampling loop is specific to: shapes, steps and scale, never the prompts,
-    seeds or noise (those are copied into the graph's inputs)."""
-    return (tuple(z_shape), tuple(x.shape), tuple(text.shape), req.steps, float(req.scale))   # h x w and w x h flatten alike
+    """What a captured model evaluation is specific to: shapes and the guidance scale, never the
+    prompts, seeds, noise or step count (those are copied into the graph's inputs per call)."""
+    return (tuple(z_shape), tuple(x.shape), tuple(text.shape), float(req.scale))   # h x w and w x h flatten alike
 
 
-class _GraphedLoop:
-    def __init__(self, pipe: Text2Image, x, text, text_uncond, z_shape, req: Request):
+class _GraphedNoise:
+    """guided_noise replayed from a CUDA graph, reading static copies of its inputs."""
+
+    def __init__(self, pipe: Text2Image, x, text, text_uncond, z_shape, scale: float):
+        # The graph also reads the tensors guided_noise made before capture (t_text, data_type):
+        # the closure keeps them alive as long as the graph, or replays would read freed memory.
+        self.guided, rows = pipe.guided_noise(text.shape[0], z_shape, scale)
         self.x, self.text, self.text_uncond = x.clone(), text.clone(), text_uncond.clone()
-        # The graph reads every tensor the closure made before capture (t_text, data_type...):
-        # keep it alive as long as the graph, or replays read freed memory.
-        self.fn = fn = pipe.noise_fn(self.text, self.text_uncond, z_shape, req.scale)
-        p = sampler.plan(req.steps)
-        # The first solver step (<= 3 model calls) runs every kernel the loop runs, at the same
-        # shapes; warming up with the whole loop would double the first request's time.
-        first = dataclasses.replace(p, solver_steps=p.solver_steps[:1])
-        self.graph, self.out = capture_graph(lambda: sampler.sample(fn, self.x, p),
-                                             warmup=lambda: sampler.sample(fn, self.x.clone(), first))
+        self.t_img = torch.full((rows,), 0.5 * sampler.NUM_TRAIN_TIMESTEPS, device=x.device)
+        self.graph, self.out = capture_graph(lambda: self.guided(self.x, self.text, self.text_uncond, self.t_img))
 
-    def run(self, x, text, text_uncond) -> torch.Tensor:
-        self.x.copy_(x)
+    def noise_fn(self, text: torch.Tensor, text_uncond: torch.Tensor) -> sampler.NoiseFn:
+        """fn(x, k, t) for one request. Its result is the graph's output buffer, overwritten by
+        the next call: the solver turns it into a data prediction before calling again."""
         self.text.copy_(text)
-        self.text_uncond.copy_(text_uncond)
-        self.graph.replay()
-        return self.out.clone()
+        N = sampler.NUM_TRAIN_TIMESTEPS
+
+        def fn(x: torch.Tensor, k: int, t: float) -> torch.Tensor:
+            self.x.copy_(x)
+            self.text_uncond.copy_(text_uncond[k])
+            self.t_img.fill_(t * N)          # the value torch.full gives the eager path
+            self.graph.replay()
+            return self.out
+
+        return fn
 
 
 def process_age_s() -> float | None:
