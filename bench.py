@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="v1")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="precision of the fast path")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="batch sizes of our paths (the diffusers peers run at the first)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per end-to-end measurement")
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="split one fp16 UViT call into GEMM / attention / rest")
     p.add_argument("--json", type=Path, help="write all numbers here")
     p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("--from-json", type=Path, help="measure nothing: print the table of a saved --json run "
+                   "(and draw its --chart)")
     p.add_argument("--cfg-parallel", action="store_true", help="under torchrun --nproc-per-node 2: end to end "
                    "on one GPU against a CFG pair of two, and the per-step exchange (see cfg_parallel_main)")
     # cold start (see cold_start below)
@@ -76,7 +79,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from unidiffuser import checkpoints  # noqa: E402
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph, cudnn_autotuned  # noqa: E402
+from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph  # noqa: E402
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -122,8 +125,7 @@ def unfused(backend, z):
     for m in norms:
         m.fused = False
     try:
-        with cudnn_autotuned():
-            return backend.vae_decoder(z.contiguous(memory_format=torch.channels_last))
+        return backend.vae_decoder(z.contiguous(memory_format=torch.channels_last))
     finally:
         for m, f in zip(norms, saved):
             m.fused = f
@@ -159,19 +161,21 @@ def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 # -- the networks -------------------------------------------------------------------------------
 
+def random_networks(cfg, device) -> dict[str, torch.nn.Module]:
+    """The three networks with random weights (checkpoints.randomize_), fp32, drawn on the device."""
+    g = torch.Generator(device).manual_seed(0)
+    return {n: checkpoints.randomize_(checkpoints.build(n, cfg, device), g).eval().requires_grad_(False)
+            for n in checkpoints.NETWORKS}
+
+
 def build_networks(cfg, device, dtype, copies=1):
     """The fp32 reference on the device and `copies` fast-path copies of the same weights."""
-    g = torch.Generator().manual_seed(0)
-    nets = {}
-    for name in checkpoints.NETWORKS:
-        net = checkpoints.randomize_(checkpoints.build(name, cfg), g).eval().requires_grad_(False)
-        nets[name] = net
-    ref = {k: v.to(device) for k, v in nets.items()}                        # fp32, as written
+    ref = random_networks(cfg, device)                                      # fp32, as written
     fasts = []
     for _ in range(copies):
-        fast = {k: checkpoints.build(k, cfg).to(device=device, dtype=dtype).eval().requires_grad_(False) for k in nets}
-        for k in nets:
-            fast[k].load_state_dict(nets[k].state_dict())
+        fast = {k: checkpoints.build(k, cfg, device).to(dtype=dtype).eval().requires_grad_(False) for k in ref}
+        for k in ref:
+            fast[k].load_state_dict(ref[k].state_dict())
         fasts.append(fast)
     return ref, *fasts
 
@@ -265,15 +269,14 @@ def isolated_main(args) -> dict:
         pipe = diffusers_pipeline(cfg, device, dtype)
         if mode == "diffusers-compiled":
             pipe.unet = torch.compile(pipe.unet)
-        batches = args.batch_sizes[:1] if mode == "diffusers-compiled" else args.batch_sizes
+        batches = args.batch_sizes[:1]    # the peers are compared at the first batch size
 
         def call(B):
             prompts = [f"a photo of object number {i} on a table" for i in range(B)]
             return lambda: pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=7.0,
                                 height=args.size, width=args.size, output_type="pt")
     else:
-        g = torch.Generator().manual_seed(0)
-        nets = {n: checkpoints.randomize_(checkpoints.build(n, cfg), g) for n in checkpoints.NETWORKS}
+        nets = random_networks(cfg, device)
         be = TorchBackend(nets, device, dtype, quant="fp8" if mode == "ours-fp8" else None)
         pipe = Text2Image(be, cfg, tok)
         batches = args.batch_sizes
@@ -324,6 +327,13 @@ def run_isolated(mode: str, args) -> dict | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     faulthandler.enable()          # a crash inside a native library still names the Python line
+    if args.from_json:
+        report = load_report(args.from_json)
+        args.dtype, args.size, args.steps = report["dtype"], report["size"], report["steps"]
+        print_table(report, args)
+        if args.chart:
+            chart(report, args)
+        return 0
     if args.cfg_parallel:
         return cfg_parallel_main(args)
     device = torch.device(args.device)
@@ -340,6 +350,7 @@ def main(argv=None) -> int:
     # the cold start (process start -> first PNG), then each path alone.
     cold = cold_start(args, PRESETS[args.preset]) if args.cold_start or args.cold_start_only else None
     if args.cold_start_only:
+        print_cold_start(cold)
         if args.json:
             args.json.write_text(json.dumps({"argv": sys.argv[1:], "cold_start": cold}, indent=2, default=str))
         return 0
@@ -373,6 +384,11 @@ def main(argv=None) -> int:
           f"{args.steps} steps, fast path {args.dtype}", flush=True)
     if cold is not None:
         report["cold_start"] = cold
+
+    def save_partial():   # so that a run stopped by a time limit keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({**report, "accuracy": {}, "partial": True}, indent=2, default=str))
+    save_partial()
 
     t0 = time.perf_counter()
     use_fp8 = args.fp8 and device.type == "cuda"
@@ -446,6 +462,7 @@ def main(argv=None) -> int:
                 r[f"uvit_cfg_{args.dtype}_compiled_ms"] = time_ms(graphed(lambda: be.uvit(*args_uvit), device), device, repeats=30)
         print(f"components B={B}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()), flush=True)
 
+    save_partial()
     outs = report["accuracy"].pop("_outputs")
     for name in ("text_encoder", "uvit", "decoder"):
         report["accuracy"][name] = errors(outs[args.dtype][name], outs["fp32"][name])
@@ -484,14 +501,12 @@ def main(argv=None) -> int:
             def run_diffusers():
                 diff_pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=7.0,
                           height=args.size, width=args.size, output_type="pt")
-            try:   # diagnosis of the in-process peer: as is, then with cudnn.benchmark on (which make_fast used to leave set)
+            try:   # diagnosis of the in-process peer (against its isolated run)
                 t1 = time.perf_counter()
                 run_diffusers()
                 sync(device)
                 r[f"diffusers_inproc_{args.dtype}_first_s"] = time.perf_counter() - t1
                 r[f"diffusers_inproc_{args.dtype}_ms"] = time_ms(run_diffusers, device, warmup=1, repeats=3)
-                with cudnn_autotuned():
-                    r[f"diffusers_inproc_cudnn_benchmark_{args.dtype}_ms"] = time_ms(run_diffusers, device, warmup=1, repeats=3)
             except Exception as e:   # the peer failing must not lose our own numbers
                 print(f"  diffusers failed at B={B}: {type(e).__name__}: {e}", flush=True)
                 diff_pipe = None
@@ -499,6 +514,7 @@ def main(argv=None) -> int:
             r[k.replace("_ms", "_img_per_s")] = 1000 * B / r[k]
         print(f"end-to-end B={B}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
 
+    save_partial()
     # ---- final image accuracy: same seed, same initial noise --------------------------------
     req = Request(["a red cube on a blue sphere"], [42], args.steps, 7.0, args.size, args.size)
     with torch.no_grad():
@@ -522,6 +538,17 @@ def main(argv=None) -> int:
     if args.chart:
         chart(report, args)
     return 0
+
+
+def load_report(path: Path) -> dict:
+    """A --json run as main() built it: JSON made the batch-size keys strings."""
+    report = json.loads(Path(path).read_text())
+    by_batch = [report.get("components", {}), report.get("end_to_end", {})]
+    by_batch += [res["end_to_end"] for res in report.get("isolated", {}).values()]
+    for d in by_batch:
+        for k in [k for k in d if k.isdigit()]:
+            d[int(k)] = d.pop(k)
+    return report
 
 
 def fp8_scale_report(backend, run_uvit) -> dict:
@@ -613,8 +640,7 @@ def print_table(report, args):
         if f"{dt}_compiled_ms" in r:
             print(f"{'  compiled':<16}{B:>3}{'':>9}{r[f'{dt}_compiled_ms']:>9.1f}")
         if f"diffusers_inproc_{dt}_ms" in r:
-            print(f"{'  diffusers':<16}{B:>3}  {r[f'diffusers_inproc_{dt}_ms']:.0f} ms in this process, "
-                  f"{r[f'diffusers_inproc_cudnn_benchmark_{dt}_ms']:.0f} ms with cudnn.benchmark on")
+            print(f"{'  diffusers':<16}{B:>3}  {r[f'diffusers_inproc_{dt}_ms']:.0f} ms in this process")
     iso = report.get("isolated", {})
     if iso:
         print("\nend to end, each path alone in a fresh process (ms per batch; peak = that path's own peak allocated MiB)")
@@ -651,6 +677,19 @@ def print_table(report, args):
                       f"activation amax {min(r['act_amax'] for r in rows):.1f}..{max(r['act_amax'] for r in rows):.1f}")
     if "copy_GBps" in report:
         print(f"device copy bandwidth {report['copy_GBps']:.0f} GB/s")
+    print_cold_start(report.get("cold_start"))
+
+
+def print_cold_start(cold: dict | None) -> None:
+    if not cold:
+        return
+    print(f"\ncold start: process start -> first PNG on disk ({cold['size']}x{cold['size']}, {cold['steps']} steps, "
+          f"page cache warm)")
+    for who in ("ours", "diffusers"):
+        for i, r in enumerate(cold.get(who, [])):
+            parts = ", ".join(f"{k[:-2]} {r[k]:.2f}" for k in ("imports_s", "load_s", "encode_s", "capture_s", "sample_s",
+                                                               "decode_s") if k in r)
+            print(f"  {who:<10} run {i + 1}: {r['to_png_s']:.2f} s" + (f"  ({parts})" if parts else ""))
 
 
 def chart(report, args):
@@ -666,7 +705,10 @@ def chart(report, args):
     for mode, label in (("diffusers", f"diffusers {dt}"), ("diffusers-compiled", f"diffusers {dt} + torch.compile")):
         if mode in report.get("isolated", {}):
             series[label] = {B: e["ms"] for B, e in report["isolated"][mode]["end_to_end"].items()}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    cold = report.get("cold_start") or {}
+    runs = {who: min(r["to_png_s"] for r in cold[who]) for who in ("ours", "diffusers") if cold.get(who)}
+    fig, axes = plt.subplots(1, 3 if runs else 2, figsize=(15 if runs else 10, 4))
+    ax1, ax2 = axes[:2]
     for label, pts in series.items():
         pts = sorted(pts.items())
         if pts:
@@ -678,6 +720,11 @@ def chart(report, args):
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend()
+    if runs:   # best of the runs: page cache warm, so the spread is the host's noise
+        ax3 = axes[2]
+        bars = ax3.bar(list(runs), list(runs.values()), color=["tab:blue", "tab:red"][:len(runs)])
+        ax3.bar_label(bars, fmt="%.1f s")
+        ax3.set(ylabel="seconds", title=f"process start -> first PNG ({cold['size']}², {cold['steps']} steps)")
     fig.tight_layout()
     fig.savefig(args.chart, dpi=120)
 
@@ -708,8 +755,7 @@ def cfg_parallel_main(args) -> int:
     cfg = PRESETS[args.preset]
     u, f = cfg.uvit, cfg.vae_decoder.downsample
     h = w = args.size // f
-    g = torch.Generator().manual_seed(0)                       # the same weights on both ranks
-    nets = {n: checkpoints.randomize_(checkpoints.build(n, cfg), g) for n in checkpoints.NETWORKS}
+    nets = random_networks(cfg, device)                        # the same weights on both ranks (same seed)
     backend = TorchBackend(nets, device, dtype)
     tok = make_tokenizer()
     one, pair = Text2Image(backend, cfg, tok), Text2Image(backend, cfg, tok, cfg_pair=pair_half)
