@@ -64,7 +64,7 @@ class TorchBackend:
         if compile:
             if device.type != "cuda":
                 raise ValueError("--compile needs --device cuda")
-            # Default inductor mode (no cudagraphs of its own: the pipeline captures the loop).
+            # Default inductor mode (no cudagraphs of its own: the pipeline captures the UViT call).
             self._uvit = torch.compile(self.uvit_net, dynamic=False)
 
     @classmethod
