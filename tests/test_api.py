@@ -222,6 +222,22 @@ def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
     assert all(run["to_png_s"] > 0 for run in cold["diffusers"])
 
 
+def test_bench_redraws_the_run_of_record_from_its_json(tmp_path):
+    """bench.py --from-json prints the README's run of record again (no GPU): the figures in its
+    table are the JSON's, batch sizes and all (JSON made those keys strings)."""
+    saved = ROOT / "docs" / "bench-h200.json"
+    report = json.loads(saved.read_text())
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--from-json", saved], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    uvit_b8 = report["components"]["8"]["uvit_cfg_fp16_ms"]
+    assert "uvit_cfg                    8" in r.stdout and f"{uvit_b8:.2f}" in r.stdout
+    fp8_b8 = report["isolated"]["ours-fp8"]["end_to_end"]["8"]["ms"]
+    assert f"B=8 {fp8_b8:.1f}" in r.stdout
+    best = min(run["to_png_s"] for run in report["cold_start"]["ours"])
+    assert f"{best:.2f} s" in r.stdout
+
+
 def test_fp8_refused_before_loading_on_a_gpu_without_fp8_units(model, monkeypatch):
     """An A100 (sm_80) has no e4m3 matrix units: a clear error, before any weights are read."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
