@@ -256,8 +256,8 @@ def diffusers_pipeline(cfg, device, dtype):
 # -- isolated runs: one path per fresh process -------------------------------------------------
 
 def isolated_main(args) -> dict:
-    """End to end for one path alone in this process. Peak memory counts everything allocated
-    since the process started (weights, activations, graph pools)."""
+    """End to end for one path alone in this process. Peak memory counts what the path holds once
+    built (its weights) and what it allocates running (activations, graph pools)."""
     device = torch.device("cuda")
     dtype = checkpoints.DTYPES[args.dtype]
     cfg = PRESETS[args.preset]
@@ -332,6 +332,9 @@ def main(argv=None) -> int:
     faulthandler.enable()          # a crash inside a native library still names the Python line
     if args.from_json:
         report = load_report(args.from_json)
+        if "dtype" not in report:   # a --cold-start-only run
+            print_cold_start(report.get("cold_start"))
+            return 0
         args.dtype, args.size, args.steps = report["dtype"], report["size"], report["steps"]
         print_table(report, args)
         if args.chart:
@@ -388,9 +391,11 @@ def main(argv=None) -> int:
     if cold is not None:
         report["cold_start"] = cold
 
-    def save_partial():   # so that a run stopped by a time limit keeps what it measured
+    def save_partial():   # so that a run stopped by a time limit keeps what it measured (beside --json, never over it)
         if args.json:
-            args.json.write_text(json.dumps({**report, "accuracy": {}, "partial": True}, indent=2, default=str))
+            accuracy = {k: v for k, v in report["accuracy"].items() if k != "_outputs"}
+            partial = args.json.with_name(args.json.stem + ".partial.json")
+            partial.write_text(json.dumps({**report, "accuracy": accuracy, "partial": True}, indent=2, default=str))
     save_partial()
 
     t0 = time.perf_counter()
@@ -538,6 +543,7 @@ def main(argv=None) -> int:
     print_table(report, args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
+        args.json.with_name(args.json.stem + ".partial.json").unlink(missing_ok=True)
     if args.chart:
         chart(report, args)
     return 0
@@ -740,7 +746,7 @@ def cfg_parallel_main(args) -> int:
     rank 1 waiting) and on the CFG pair (rank 0 conditional rows, rank 1 unconditional), in one
     run with the same random weights; the UViT call on 2B rows (one GPU) and on B rows (each
     rank of a pair); the pair's per-step all-gather alone, eager and captured as a graph of
-    `--steps` exchanges (the way the sampling loop runs it). Rank 0 prints and writes --json."""
+    `--steps` exchanges (the per-step cost inside the sampling). Rank 0 prints and writes --json."""
 
     import torch.distributed as dist
 

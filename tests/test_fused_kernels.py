@@ -160,15 +160,12 @@ def test_fp8_needs_the_cuda_fast_path():
 def test_make_fast_leaves_cudnn_benchmark_alone():
     """It used to set torch.backends.cudnn.benchmark for the whole process (leaking into
     diffusers' VAE when benchmarked in the same process); the decoder no longer autotunes at all."""
-    from unidiffuser.pipeline import TorchBackend, make_fast
+    from unidiffuser.pipeline import make_fast
     cfg = PRESETS["tiny"]
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
         make_fast(checkpoints.build("uvit", cfg), checkpoints.build("vae_decoder", cfg))
-        assert torch.backends.cudnn.benchmark is False
-        nets = {n: checkpoints.build(n, cfg) for n in checkpoints.NETWORKS}
-        TorchBackend(nets, torch.device("cpu"), torch.float32).decode(torch.randn(1, 4, 8, 8))
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = saved

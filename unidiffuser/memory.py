@@ -16,8 +16,9 @@ The estimate (bytes, at the networks' dtype) is the sum of:
 On CUDA at fp16/bf16 the UViT call and the decoder are each captured as a CUDA graph whose
 memory stays reserved, so their activations add up; otherwise the larger of the two counts.
 Checked against v1 (models/config.py) in fp16 with CUDA graphs: 512x512 batch 1 is estimated at
-2.8 GiB, batch 8 at 7.9 GiB (2.0 of weights, 5.9 of activations; the H100 benchmark measured
-about 2 GiB of activations at batch 8, so the estimate is ~3x on the safe side); the largest
+2.8 GiB, batch 8 at 7.9 GiB (2.0 of weights, 5.9 of activations; the H200 benchmark measured
+a peak of 4.8 GiB at batch 8, about 2.7 GiB above the weights, so the estimate is ~2x on the
+safe side there); the largest
 square at batch 1 is 1920 on 24 GiB free and 2816 on 80 GiB.
 """
 from __future__ import annotations

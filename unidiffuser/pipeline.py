@@ -89,9 +89,9 @@ class TorchBackend:
         return z_out, clip_img_out
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        # No cuDNN autotuning (cudnn.benchmark): on an H200 it cost 0.8 s on the first image and
-        # bought nothing (graphed decoder 7.64 ms with it, 7.62 without; cuDNN's heuristics already
-        # pick its NHWC kernels).
+        # No cuDNN autotuning (cudnn.benchmark): on an H200 a fresh process's first decode took
+        # 1.14 s with it and 0.36 s without, and it bought nothing (graphed decoder 7.64 ms with
+        # it, 7.62 without: cuDNN's heuristics already pick its NHWC kernels).
         if self.fast:
             return self._replay("vae_decoder", self.vae_decoder, z.contiguous(memory_format=torch.channels_last))
         return self.vae_decoder(z)
@@ -166,12 +166,22 @@ def make_uvit_fast(module: torch.nn.Module) -> None:
 def warm_up_in_background(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> threading.Thread:
     """A thread that runs one UViT out-block (at the default size's sequence length), the patch
     convolution, a decoder-sized convolution and the fused GroupNorm on throwaway weights, so that
-    what a process pays on the first use of each (loading cuDNN and cuBLAS kernels, cuDNN's
-    attention plan, Triton's cached kernel and its launcher, the plugin library: about a second
-    on an H200) overlaps the loading of the weights instead of delaying the first image. Nothing
-    it makes is kept; a failure only loses the head start (logged at debug level)."""
+    what a process pays on the first use of each (loading the cuDNN and cuBLAS libraries and
+    kernels, Triton's cached kernel and its launcher, the plugin library: about a second on an
+    H200) overlaps the loading of the weights instead of delaying the first image. (cuDNN keeps
+    its attention plans per thread: the pipeline's thread still builds its own.) Nothing it makes
+    is kept; a failure only loses the head start (logged at debug level). Like every UViT call, it
+    sets SDPA's process-wide backend priority while it runs."""
+    # A new thread starts on GPU 0 whatever the caller chose (torchrun ranks set theirs), and
+    # Triton launches on the current device: give the thread the caller's.
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+
     def work():
         try:
+            if index is not None:
+                torch.cuda.set_device(index)
             from models import groupnorm
             from models.uvit import Block, PatchEmbed
 
@@ -189,7 +199,7 @@ def warm_up_in_background(cfg: ModelConfig, device: torch.device, dtype: torch.d
                 h = torch.randn(1, c, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
                 conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
                 conv(h)
-                if groupnorm.available():
+                if device.type == "cuda" and groupnorm.available():
                     groupnorm.group_norm(h, torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype), v.num_groups,
                                          1e-6, True)
                 if device.type == "cuda":
@@ -260,7 +270,9 @@ class Text2Image:
         checkpoints.verify_small_files(model_dir, manifest)   # config.json, tokenizer/: before any weights
         if manifest.get("random_weights"):
             log.warning("%s holds RANDOM weights (convert_weights.py --random): images will be noise", model_dir)
-        net_backend = BACKENDS[backend](model_dir, cfg, manifest, torch.device(device), checkpoints.DTYPES[dtype], **backend_options)
+        with on_device(torch.device(device)):
+            net_backend = BACKENDS[backend](model_dir, cfg, manifest, torch.device(device), checkpoints.DTYPES[dtype],
+                                            **backend_options)
         pipe = cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest, cfg_pair)
         pipe.load_timings = {"load_s": time.perf_counter() - t0}
         if started is not None:     # what the process did before: mostly imports
@@ -327,6 +339,10 @@ class Text2Image:
 
     @torch.no_grad()
     def __call__(self, req: Request, progress: Callable[[int], None] | None = None) -> Result:
+        with on_device(self.device):
+            return self._generate(req, progress)
+
+    def _generate(self, req: Request, progress: Callable[[int], None] | None = None) -> Result:
         req.validate()
         f = self.cfg.vae_decoder.downsample
         h, w = req.height // f, req.width // f
@@ -410,6 +426,13 @@ class _GraphedNoise:
             return self.out
 
         return fn
+
+
+def on_device(device: torch.device):
+    """`device` as the current CUDA device while the pipeline works on it: Triton's kernels, CUDA
+    graph capture and the plugin's checks use the current device, not their tensors'; with
+    `--device cuda:1` in a single process, nothing else would make it current."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def process_age_s() -> float | None:

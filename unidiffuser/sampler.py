@@ -17,6 +17,7 @@ float64, and sampling is a static sequence of tensor operations (CUDA-graph frie
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -111,6 +112,7 @@ class Plan:
         return [st.t for s in self.solver_steps for st in s.stages]
 
 
+@functools.lru_cache(maxsize=64)    # a few ms of host work per request otherwise; a Plan is immutable
 def plan(steps: int, schedule: NoiseSchedule | None = None, eps: float | None = None, T: float = 1.0) -> Plan:
     ns = schedule or NoiseSchedule()
     eps = 1.0 / ns.N if eps is None else eps
@@ -156,7 +158,9 @@ def sample(noise_fn: NoiseFn, x: torch.Tensor, p: Plan, callback: Callable[[int]
     """Integrate from x at time T to time eps.
 
     noise_fn(x, k, t) predicts the noise in x at continuous time t; k counts model evaluations
-    (0 .. steps - 1) so the caller can use per-evaluation inputs drawn up front.
+    (0 .. steps - 1) so the caller can use per-evaluation inputs drawn up front. Its result is
+    used before the next call and never kept, so it may be a buffer the next call overwrites (the
+    CUDA-graph path returns the graph's output buffer).
     """
     ns = p.schedule
     k = 0
