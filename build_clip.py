@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from models.config import TextEncoderConfig
 from unidiffuser import build_args, cli
 
@@ -27,8 +25,7 @@ def build(args, ckpt_config, weights, cfg):
 def main(argv=None) -> int:
     args = build_args.parse_args(NET, argv)
     from unidiffuser import engine_build   # torch: after the arguments are checked
-    return engine_build.main(NET, None, SimpleNamespace(
-        parse=lambda _: args, prepare=build_args.require_tensorrt_llm(prepare), build=build))
+    return engine_build.main(NET, args, prepare, build)
 
 
 if __name__ == "__main__":

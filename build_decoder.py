@@ -7,8 +7,6 @@ docs/engines.md), else through TensorRT's normalization layer.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from models.config import VAEDecoderConfig
 from unidiffuser import build_args, cli
 
@@ -47,8 +45,7 @@ def build(args, ckpt_config, weights, prepared):
 def main(argv=None) -> int:
     args = build_args.parse_args(NET, argv, sizes=True, plugin=True)
     from unidiffuser import engine_build   # torch: after the arguments are checked
-    return engine_build.main(NET, None, SimpleNamespace(
-        parse=lambda _: args, prepare=build_args.require_tensorrt_llm(prepare), build=build))
+    return engine_build.main(NET, args, prepare, build)
 
 
 if __name__ == "__main__":

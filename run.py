@@ -19,7 +19,6 @@ log = logging.getLogger("unidiffuser")
 # The choices of unidiffuser.checkpoints.DTYPES and pipeline.BACKENDS, spelled out so that
 # --help and argument errors answer before torch is imported.
 DTYPES, BACKENDS = ("bf16", "fp16", "fp32", "fp8"), ("torch", "trtllm")
-MAX_BATCH = 4096   # one batch; far beyond what any GPU holds at 512x512 (the memory check says what fits)
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -64,8 +63,8 @@ def read_prompts(args) -> list[str]:
 
 def check_arguments(args, n_images: int) -> None:
     """Everything about the arguments that needs neither torch nor the model folder."""
-    if not 1 <= args.n_samples <= MAX_BATCH:
-        raise ValueError(f"--n-samples must be in 1..{MAX_BATCH} (one batch), got {args.n_samples}")
+    if not 1 <= args.n_samples <= limits.MAX_BATCH:
+        raise ValueError(f"--n-samples must be in 1..{limits.MAX_BATCH} (one batch), got {args.n_samples}")
     limits.check_steps(args.steps)
     limits.check_scale(args.scale)
     for name in ("height", "width"):

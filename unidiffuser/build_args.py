@@ -3,12 +3,10 @@ heavy is imported (torch, TensorRT-LLM): --help and argument errors answer at on
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
-from .limits import MAX_SIDE, check_side
+from .limits import MAX_BATCH, MAX_SIDE, check_side
 
-MAX_BATCH = 4096   # as run.py's --n-samples
 NO_TRTLLM = "tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md"
 
 
@@ -47,12 +45,3 @@ def parse_args(net: str, argv=None, sizes: bool = False, plugin: bool = False):
     return args
 
 
-def require_tensorrt_llm(prepare):
-    """prepare(), after the checkpoint folder was checked, then: is TensorRT-LLM here at all?
-    (A ValueError: exit 2 like every other input error, before the build imports it.)"""
-    def checked(args, ckpt_config):
-        prepared = prepare(args, ckpt_config)
-        if importlib.util.find_spec("tensorrt_llm") is None:
-            raise ValueError(NO_TRTLLM)
-        return prepared
-    return checked

@@ -9,6 +9,7 @@ Engine folder MODEL/engines/<net>/:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -36,10 +37,8 @@ def latent_size(args, ckpt_config: dict, default_latent: int) -> tuple[int, int]
     f = ckpt_config["latent_factor"]
     out = []
     for name in ("height", "width"):
-        v = getattr(args, name) or default_latent * f
-        if v <= 0 or v % 16:
-            raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches), got {v}")
-        out.append(v // f)
+        v = getattr(args, name)           # checked by build_args (limits.check_side); None: the model's
+        out.append((default_latent * f if v is None else v) // f)
     return out[0], out[1]
 
 
@@ -135,20 +134,23 @@ def engine_config(net: str, ckpt_config: dict, weights: Path, max_rows: int, max
     }
 
 
-def main(net: str, argv, build_fn) -> int:
-    """Common flow: args -> checkpoint validation -> (tensorrt_llm) build -> engine folder."""
+def main(net: str, args, prepare, build) -> int:
+    """Common flow of build_*.py, after their arguments are checked: checkpoint and output folder
+    -> prepare(args, ckpt_config) -> is TensorRT-LLM here? -> build(args, ckpt_config, weights,
+    prepared) -> engine folder. Every input error is one line and exit 2, before the build."""
     try:
-        args = build_fn.parse(argv)
         ckpt_config, weights = trtllm_checkpoint.read_checkpoint(args.checkpoint_dir, net)
         check_output_dir(args.output_dir)
-        prepared = build_fn.prepare(args, ckpt_config)
+        prepared = prepare(args, ckpt_config)
+        if importlib.util.find_spec("tensorrt_llm") is None:
+            raise ValueError(NO_TRTLLM)
     except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trtllm = import_tensorrt_llm()
     t0 = time.perf_counter()
     try:
-        engine, max_rows, latent, plugins = build_fn.build(args, ckpt_config, weights, prepared)
+        engine, max_rows, latent, plugins = build(args, ckpt_config, weights, prepared)
     except ValueError as e:   # EngineError: TensorRT failed (1); else an input unusable here, e.g. --plugin-lib (2)
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, EngineError) else 2

@@ -9,6 +9,7 @@ import math
 # interpolated positional embedding has nothing left to say, and the decoder alone needs tens of GiB.
 MAX_SIDE = 4096
 MAX_STEPS = 1000   # the discrete noise schedule has 1000 steps; the solver needs no more
+MAX_BATCH = 4096   # images in one batch: far beyond what any GPU holds at 512x512 (memory.py says what fits)
 
 
 def check_side(name: str, value) -> None:
