@@ -11,6 +11,7 @@ import argparse
 import logging
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from models.config import PRESETS
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
         extra = None
         if args.trtllm:
             from unidiffuser import trtllm_checkpoint
-            extra = trtllm_checkpoint.write_all   # into the new folder before it is swapped in
+            # Into the new folder before it is swapped in; its files were hashed as they were written.
+            extra = partial(trtllm_checkpoint.write_all, verify=False)
         out = checkpoints.write_converted(args.out, cfg, networks, args.dtype, src / checkpoints.CLIP_DIR,
                                           random=random, overwrite=args.overwrite,
                                           src=None if args.random and args.src is None else src, extra=extra)

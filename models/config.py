@@ -35,6 +35,11 @@ class UViTConfig:
         token has its own `pos_embed_token`)."""
         return 1 + 1 + self.num_text_tokens + 1 + self.num_patches
 
+    def sequence_length(self, latent_h: int, latent_w: int) -> int:
+        """Tokens of one UViT call on an h x w latent: `num_tokens`' kinds at that size, plus the
+        data-type token."""
+        return 1 + 1 + 1 + self.num_text_tokens + 1 + (latent_h // self.patch_size) * (latent_w // self.patch_size)
+
 
 @dataclass(frozen=True)
 class TextEncoderConfig:

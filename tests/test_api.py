@@ -142,7 +142,7 @@ def test_one_capture_per_shape_across_prompts(pipe, monkeypatch):
         def replay(self):
             self.out.copy_(self.fn())
 
-    def capture(fn, warmup=None):
+    def capture(fn):
         out = fn()
         captures.append(out.shape)
         return Replay(fn, out), out
@@ -257,6 +257,12 @@ def test_fp8_refused_before_loading_on_a_gpu_without_fp8_units(model, monkeypatc
     monkeypatch.setattr(checkpoints, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ValueError, match="fp8 needs a GPU with fp8 matrix units.*A100.*use fp16"):
         UniDiffuser.load(model, device="cuda", dtype="fp8")
+
+
+def test_compile_on_the_cpu_refused_before_loading(model, monkeypatch):
+    monkeypatch.setattr(checkpoints, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="compile needs a CUDA device"):
+        UniDiffuser.load(model, device="cpu", compile=True)
 
 
 def test_warm_up_thread_runs_the_fast_kernels_without_error(caplog, monkeypatch):

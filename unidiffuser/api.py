@@ -56,9 +56,9 @@ class Generation:
 class UniDiffuser:
     """A converted model folder loaded once (see `load`); call it with prompts to get images."""
 
-    def __init__(self, pipeline: Text2Image, model_dir: Path, backend: str):
+    def __init__(self, pipeline: Text2Image, model_dir: Path, backend: str, precision: str):
         self.pipeline, self.model_dir, self.backend = pipeline, Path(model_dir), backend
-        self.precision = _dtype_name(pipeline.dtype)      # what the sidecar calls it: fp32, fp16, bf16, fp8
+        self.precision = precision      # what the sidecar calls it: fp32, fp16, bf16, fp8
         self._lock = threading.Lock()
 
     @classmethod
@@ -77,6 +77,8 @@ class UniDiffuser:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         dtype = dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
+        if compile and not str(device).startswith("cuda"):   # before any weights are read
+            raise ValueError("compile needs a CUDA device (it compiles the CUDA fast path)")
         options = {"compile": True} if compile else {}
         precision = dtype
         if dtype == "fp8":   # the UViT blocks' linears in e4m3 (models/fp8.py), everything else fp16
@@ -90,8 +92,8 @@ class UniDiffuser:
             if compile:
                 raise ValueError("compile is an option of the torch backend")
             options = {"engine_dir": None if engine_dir is None else Path(engine_dir)}
-        pipe = cls(Text2Image.from_dir(model_dir, device, dtype, backend, cfg_pair=cfg_pair, **options), Path(model_dir), backend)
-        pipe.precision = precision
+        pipe = cls(Text2Image.from_dir(model_dir, device, dtype, backend, cfg_pair=cfg_pair, **options), Path(model_dir),
+                   backend, precision)
         if dtype == "fp32" and pipe.weights_dtype not in (None, "fp32"):
             log.warning("fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
                         "the reference needs a folder made by convert_weights.py --dtype fp32", pipe.weights_dtype)
@@ -172,8 +174,3 @@ class UniDiffuser:
                     "model_dir": str(self.model_dir), "random_weights": self.random_weights,
                     "weights_dtype": self.weights_dtype}
         return Generation(images, each, seeds, settings, timings, per_image)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from .checkpoints import DTYPES
-    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype))

@@ -445,11 +445,11 @@ def verify_small_files(model_dir: Path, manifest: dict) -> None:
         raise CheckpointError(str(e)) from None
 
 
-def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, verify: bool = True,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """One network's state dict from the converted folder, checked against the manifest (sha256
-    of the bytes read, names, shapes), floating tensors cast to dtype (default: as stored) on device."""
-    return _load_checked(Path(model_dir), name, manifest, verify, torch.device(device), dtype)(build(name, cfg, "meta"))
+def load_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, verify: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """One network's state dict from the converted folder, on the CPU as stored, checked against
+    the manifest (sha256 of the bytes read unless verify=False, names, shapes)."""
+    return _load_checked(Path(model_dir), name, manifest, verify, torch.device("cpu"), None)(build(name, cfg, "meta"))
 
 
 def load_networks(model_dir: Path, cfg: ModelConfig, manifest: dict, device: str | torch.device,

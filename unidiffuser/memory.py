@@ -55,7 +55,7 @@ def estimate(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str, 
     f = v.downsample
     h, w = height // f, width // f
     rows = 2 * batch
-    tokens = 3 + u.num_text_tokens + 1 + (h // u.patch_size) * (w // u.patch_size)
+    tokens = u.sequence_length(h, w)
     units = u.depth // 2 + 6 + u.mlp_ratio          # skips + working tensors, in units of [rows, L, D]
     uvit = units * rows * tokens * u.embed_dim * b
 

@@ -48,7 +48,7 @@ class TorchBackend:
         if quant not in (None, "fp8"):
             raise ValueError(f"quant must be None or 'fp8', got {quant!r}")
         self.device, self.dtype = device, dtype
-        self.graph_safe = self.fast = device.type == "cuda" and dtype != torch.float32
+        self.graph_safe = self.fast = self.is_fast(device, dtype)
         if quant and not self.fast:
             raise ValueError("fp8 needs the CUDA fast path (--device cuda, fp16 or bf16 networks)")
         nets = {k: v.to(device=device, dtype=dtype).eval().requires_grad_(False) for k, v in nets.items()}
@@ -67,10 +67,14 @@ class TorchBackend:
             # Default inductor mode (no cudagraphs of its own: the pipeline captures the UViT call).
             self._uvit = torch.compile(self.uvit_net, dynamic=False)
 
+    @staticmethod
+    def is_fast(device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cuda" and dtype != torch.float32
+
     @classmethod
     def load(cls, model_dir: Path, cfg: ModelConfig, manifest: dict, device: torch.device, dtype: torch.dtype,
              compile: bool = False, quant: str | None = None) -> "TorchBackend":
-        warming = warm_up_in_background(cfg, device, dtype) if device.type == "cuda" and dtype != torch.float32 else None
+        warming = warm_up_in_background(cfg, device, dtype) if cls.is_fast(device, dtype) else None
         try:
             nets = checkpoints.load_networks(model_dir, cfg, manifest, device, dtype)
         finally:
@@ -118,15 +122,14 @@ class TorchBackend:
         return out.clone()
 
 
-def capture_graph(fn: Callable[[], torch.Tensor], warmup: Callable[[], object] | None = None
-                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Run warmup (default: fn) once on a side stream, so that handles, autotuning and compilation
-    happen outside the capture, then capture fn. Replaying the graph recomputes the returned
-    tensor from fn's current inputs."""
+def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run fn once on a side stream, so that handles, autotuning and compilation happen outside
+    the capture, then capture fn. Replaying the graph recomputes the returned tensor from fn's
+    current inputs."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        (warmup or fn)()
+        fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -187,11 +190,10 @@ def warm_up_in_background(cfg: ModelConfig, device: torch.device, dtype: torch.d
 
             u, v = cfg.uvit, cfg.vae_decoder
             side = cfg.default_size // v.downsample
-            tokens = 3 + u.num_text_tokens + 1 + (side // u.patch_size) ** 2
             with torch.no_grad(), torch.device(device):
                 block = Block(u, skip=True).to(dtype)
                 make_uvit_fast(block)
-                x = torch.randn(2, tokens, u.embed_dim, dtype=dtype)
+                x = torch.randn(2, u.sequence_length(side, side), u.embed_dim, dtype=dtype)
                 with sdpa_kernel(FAST_SDPA, set_priority=True):
                     block(x, x)
                 PatchEmbed(u).to(dtype)(torch.randn(2, u.in_chans, side, side, dtype=dtype))

@@ -24,6 +24,7 @@ from models.config import ModelConfig
 
 from .engine_build import (NO_TRTLLM, SCRIPTS, EngineError, check_engine_config, check_source,
                            read_engine_config)
+from .folders import NETWORKS
 
 log = logging.getLogger("unidiffuser")
 
@@ -46,7 +47,7 @@ def check_engine_files(engine_dir: Path) -> None:
     """The three engine files and their config.json are there (no model config, CUDA or
     TensorRT needed): run.py calls this before its device checks, so a missing engine is
     reported, with the script that builds it, on any machine."""
-    for net in ("text_encoder", "uvit", "vae_decoder"):
+    for net in NETWORKS:
         read_engine_config(engine_dir, net)
 
 

@@ -74,9 +74,10 @@ def checkpoint_config(name: str, cfg: ModelConfig, source_sha256: str) -> dict:
     }
 
 
-def write_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, out: Path) -> Path:
-    """One checkpoint folder, written beside its final place and renamed into it."""
-    sd = checkpoints.load_network(model_dir, name, cfg, manifest)       # sha256 + names + shapes checked
+def write_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, out: Path, verify: bool = True) -> Path:
+    """One checkpoint folder, written beside its final place and renamed into it. verify=False
+    skips the sha256 (for a folder whose files were hashed as they were written)."""
+    sd = checkpoints.load_network(model_dir, name, cfg, manifest, verify)   # sha256 + names + shapes checked
     want = expected_tensors(name, cfg)
     tensors = {k: sd[k].to(torch.float16).contiguous() for k in want}   # drops non-parameter buffers
     out = Path(out)
@@ -95,11 +96,11 @@ def write_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, 
     return out
 
 
-def write_all(model_dir: Path, out_root: Path | None = None) -> dict[str, Path]:
+def write_all(model_dir: Path, out_root: Path | None = None, verify: bool = True) -> dict[str, Path]:
     model_dir = Path(model_dir)
     cfg, manifest = checkpoints.read_manifest(model_dir)
     out_root = Path(out_root) if out_root is not None else model_dir / "trtllm"
-    return {n: write_network(model_dir, n, cfg, manifest, out_root / n) for n in checkpoints.NETWORKS}
+    return {n: write_network(model_dir, n, cfg, manifest, out_root / n, verify) for n in checkpoints.NETWORKS}
 
 
 def read_checkpoint(ckpt_dir: Path, name: str) -> tuple[dict, Path]:
