@@ -47,7 +47,7 @@ from models.vae_decoder import VAEDecoder
 
 from . import folders, prefetch, tokenizer
 from .files import current_umask, atomic_write, atomic_write_text, write_failure
-from .folders import NETWORKS, placement_help, sha256  # noqa: F401  (sha256: also used by engine_build)
+from .folders import NETWORKS, placement_help, sha256
 
 log = logging.getLogger("unidiffuser")
 

@@ -20,6 +20,7 @@ from models.config import ModelConfig
 from . import checkpoints, trtllm_checkpoint
 from .build_args import NO_TRTLLM
 from .files import atomic_write, atomic_write_text
+from .folders import sha256
 
 ENGINE_FILE, CONFIG_FILE, FORMAT = "rank0.engine", "config.json", 1
 SCRIPTS = {"text_encoder": "build_clip.py", "uvit": "build_uvit.py", "vae_decoder": "build_decoder.py"}
@@ -128,7 +129,7 @@ def engine_config(net: str, ckpt_config: dict, weights: Path, max_rows: int, max
         "max_images": max_images,
         "latent_height": latent[0] if latent else None, "latent_width": latent[1] if latent else None,
         "model_config": ckpt_config["model_config"],
-        "checkpoint_sha256": checkpoints.sha256(weights),
+        "checkpoint_sha256": sha256(weights),
         "source_sha256": ckpt_config["source"]["sha256"],
         "plugins": plugins, "build_time_s": round(build_time_s, 1), **versions,
     }

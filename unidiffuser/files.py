@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -13,6 +12,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+from .folders import sha256
 
 
 class WriteError(OSError):
@@ -48,23 +49,12 @@ def is_write_error(e: BaseException) -> bool:
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """write(tmp_path) fills a temporary file beside `path`, which then replaces `path` at once."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = temp_beside(path, write)
     try:
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the file the usual mode
-            os.replace(tmp, path)
-        except WriteError:
-            raise
-        except Exception as e:
-            if is_write_error(e):
-                raise write_failure(path, e) from e
-            raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(Path(path), e) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -111,7 +101,7 @@ def temp_beside(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the file the usual mode
     except BaseException as e:
         os.remove(tmp)
         if isinstance(e, Exception) and is_write_error(e) and not isinstance(e, WriteError):
@@ -132,8 +122,7 @@ def write_image_pair(png: Path, save_png: Callable[[str], None], sidecar: dict, 
     concurrent runs, and an existing image is replaced only with overwrite."""
     tmp_png = temp_beside(png, save_png)
     try:
-        with open(tmp_png, "rb") as f:
-            sidecar = {**sidecar, "png_sha256": hashlib.sha256(f.read()).hexdigest()}
+        sidecar = {**sidecar, "png_sha256": sha256(tmp_png)}
         text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"
         tmp_json = temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"))
     except BaseException:
