@@ -175,7 +175,7 @@ def test_memory_estimate_says_what_fits():
     assert memory.estimate(cfg, 1, 1024, 1024, "fp16", 0).total > 2 * memory.estimate(cfg, 1, 512, 512, "fp16", 0).total
     with pytest.raises(ValueError, match=r"--height 2048 --width 2048 .* 24.0 GiB free.*at most (\d+)x\1 at this batch"):
         memory.check_fits(cfg, 4, 2048, 2048, "fp16", int(2.2e9), 50, "cuda", True, free=24 * gib, where="GPU")
-    side = memory.largest_square(cfg, 1, lambda s: memory.estimate(cfg, 1, s, s, "fp16", int(2.2e9), graphs=True).total <= 24 * gib)
+    side = memory.largest_square(lambda s: memory.estimate(cfg, 1, s, s, "fp16", int(2.2e9), graphs=True).total <= 24 * gib)
     assert 1024 <= side < 4096 and side % 16 == 0
 
 

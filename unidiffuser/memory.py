@@ -97,16 +97,21 @@ def cpu_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def largest_square(cfg: ModelConfig, batch: int, fits, step: int = 16) -> int:
-    """The largest square side (a multiple of `step`, at most MAX_SIDE) for which fits(side)."""
-    lo, hi = 0, MAX_SIDE // step
+def largest(hi: int, ok) -> int:
+    """The largest n in 0..hi with ok(n), for ok true up to some n and false above (0 if none)."""
+    lo = 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid * step):
+        if ok(mid):
             lo = mid
         else:
             hi = mid - 1
-    return lo * step
+    return lo
+
+
+def largest_square(fits, step: int = 16) -> int:
+    """The largest square side (a multiple of `step`, at most MAX_SIDE) for which fits(side)."""
+    return step * largest(MAX_SIDE // step, lambda n: fits(n * step))
 
 
 def check_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str, weight_bytes: int,
@@ -118,18 +123,11 @@ def check_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str
     if e.total <= free:
         return e
 
-    def fits(side, n=batch):
-        return estimate(cfg, n, side, side, dtype, weight_bytes, steps, graphs).total <= free
+    def fits(n, h, w):
+        return estimate(cfg, n, h, w, dtype, weight_bytes, steps, graphs).total <= free
 
-    side = largest_square(cfg, batch, fits)
-    lo, hi = 0, batch - 1          # the largest batch that fits at the asked size
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if estimate(cfg, mid, height, width, dtype, weight_bytes, steps, graphs).total <= free:
-            lo = mid
-        else:
-            hi = mid - 1
-    n_fit = lo
+    side = largest_square(lambda s: fits(batch, s, s))
+    n_fit = largest(batch - 1, lambda n: fits(n, height, width))   # the largest batch that fits at the asked size
     what = [f"at most {side}x{side} at this batch of {batch}" if side else f"no size at a batch of {batch}"]
     if n_fit:
         what.append(f"a batch of at most {n_fit} at {height}x{width}")
