@@ -3,13 +3,13 @@ tiny preset: reproducible by seed, PIL images of the asked size, timings, the sa
 run.py, clear errors; networks filled straight from the files; one graph capture per shape."""
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_env
 import torch
 from PIL import Image
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(script, *args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = child_env()
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=ROOT)
 

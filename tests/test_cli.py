@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_env
 import torch
 from PIL import Image
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(script, *args, cwd=ROOT, env=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})}
+    env = child_env(**(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd)
 
@@ -223,7 +224,7 @@ def test_concurrent_runs_never_mix_pairs(converted, tmp_path):
     _, model = converted
     out = tmp_path / "O"
     prompts = write(tmp_path / "p.txt", "a\nb\nc\nd\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--prompts-file", str(prompts), "--model-dir",
                                str(model), "--out", str(out), "--steps", "1", "--height", "32", "--width", "32",
                                "--scale", scale, "--overwrite"], env=env, cwd=ROOT,
@@ -620,7 +621,7 @@ def test_help_and_argument_errors_import_no_torch(script, bad):
              "print('CODE', code, 'HEAVY', heavy, file=sys.stderr)\n")
     for args in (["--help"], bad):
         r = subprocess.run([sys.executable, "-c", probe, str(ROOT / script), *args], capture_output=True, text=True,
-                           cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+                           cwd=ROOT, env=child_env())
         assert "HEAVY []" in r.stderr, r.stderr
         assert ("CODE 0" if args == ["--help"] else "CODE 2") in r.stderr, r.stderr
 

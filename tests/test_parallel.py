@@ -2,7 +2,6 @@
 written once, by the rank that owns it; a rank failing mid-run ends the run with a clear error
 and leaves no half-written file. Runs the user's command, `python -m torch.distributed.run`."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_env
 import torch
 from PIL import Image
 
@@ -24,7 +24,7 @@ for _p in PROMPTS:
 
 
 def launch(script, *args, nproc: int = 1, env: dict | None = None, timeout: float = 300):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "UNIDIFFUSER_ROOT": str(ROOT), **(env or {})}
+    env = child_env(UNIDIFFUSER_ROOT=str(ROOT), **(env or {}))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = (torchrun if nproc > 1 else [sys.executable]) + [str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
