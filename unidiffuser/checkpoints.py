@@ -47,13 +47,11 @@ from models.vae_decoder import VAEDecoder
 
 from . import folders, prefetch, tokenizer
 from .files import current_umask, atomic_write, atomic_write_text, write_failure
-from .folders import NETWORKS, placement_help, sha256
+from .folders import (AUTOENCODER_FILE, CAPTION_FILE, CLIP_DIR, CLIP_REPO, HUB_REPO, NETWORKS, UVIT_FILE,
+                      placement_help, sha256)
 
 log = logging.getLogger("unidiffuser")
 
-UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, CLIP_DIR = (
-    "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14")
-HUB_REPO, CLIP_REPO = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -216,7 +214,7 @@ def download_originals(src: Path) -> Path:
         for f in (UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE):
             hf_hub_download(HUB_REPO, f, local_dir=src)
         snapshot_download(CLIP_REPO, local_dir=clip,
-                          allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+                          allow_patterns=list(folders.CLIP_FILES))
     except Exception as e:
         for p in created:   # outermost first: removing src removes the rest
             if p.is_dir():

@@ -27,19 +27,21 @@ DERIVED = {f"trtllm/{n}/{f}" for n in NETWORKS for f in ("config.json", "rank0.s
           {f"engines/{n}/{f}" for n in NETWORKS for f in ("config.json", "rank0.engine")}
 # What --random writes in the original layouts (checkpoints.write_random_originals).
 RANDOM_MARK = "RANDOM_WEIGHTS"
-ORIGINALS = ("uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth",
-             "clip-vit-large-patch14/config.json", "clip-vit-large-patch14/model.safetensors",
-             "clip-vit-large-patch14/vocab.json", "clip-vit-large-patch14/merges.txt")
+# The original files: three from HUB_REPO, CLIP's text tower from CLIP_REPO (in CLIP_DIR).
+UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, CLIP_DIR = (
+    "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14")
+HUB_REPO, CLIP_REPO = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
+CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+ORIGINALS = (UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, *(f"{CLIP_DIR}/{f}" for f in CLIP_FILES))
 
 
 def placement_help(src: Path) -> str:
-    hub, clip = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
     return (f"Place the original files like this and pass --src {src}:\n"
-            f"  {src}/uvit_v1.pth            from https://huggingface.co/{hub}\n"
-            f"  {src}/caption_decoder.pth     from https://huggingface.co/{hub}\n"
-            f"  {src}/autoencoder_kl.pth      from https://huggingface.co/{hub}\n"
-            f"  {src}/clip-vit-large-patch14/ config.json, model.safetensors, vocab.json, merges.txt\n"
-            f"                                from https://huggingface.co/{clip}")
+            f"  {src}/{UVIT_FILE}            from https://huggingface.co/{HUB_REPO}\n"
+            f"  {src}/{CAPTION_FILE}     from https://huggingface.co/{HUB_REPO}\n"
+            f"  {src}/{AUTOENCODER_FILE}      from https://huggingface.co/{HUB_REPO}\n"
+            f"  {src}/{CLIP_DIR}/ {', '.join(CLIP_FILES)}\n"
+            f"                                from https://huggingface.co/{CLIP_REPO}")
 
 
 def sha256(path: Path) -> str:
