@@ -78,8 +78,11 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from unidiffuser import checkpoints  # noqa: E402
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend, capture_graph  # noqa: E402
+from unidiffuser import networks
+
+from unidiffuser.weights import loading, random_weights
+from unidiffuser.backends.torch_backend import TorchBackend, capture_graph
+from unidiffuser.pipeline import Request, Text2Image  # noqa: E402
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -162,10 +165,10 @@ def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
 # -- the networks -------------------------------------------------------------------------------
 
 def random_networks(cfg, device) -> dict[str, torch.nn.Module]:
-    """The three networks with random weights (checkpoints.randomize_), fp32, drawn on the device."""
+    """The three networks with random weights (random_weights.randomize_), fp32, drawn on the device."""
     g = torch.Generator(device).manual_seed(0)
-    return {n: checkpoints.randomize_(checkpoints.build(n, cfg, device), g).eval().requires_grad_(False)
-            for n in checkpoints.NETWORKS}
+    return {n: random_weights.randomize_(networks.build(n, cfg, device), g).eval().requires_grad_(False)
+            for n in networks.NAMES}
 
 
 def build_networks(cfg, device, dtype, copies=1):
@@ -173,7 +176,7 @@ def build_networks(cfg, device, dtype, copies=1):
     ref = random_networks(cfg, device)                                      # fp32, as written
     fasts = []
     for _ in range(copies):
-        fast = {k: checkpoints.build(k, cfg, device).to(dtype=dtype).eval().requires_grad_(False) for k in ref}
+        fast = {k: networks.build(k, cfg, device).to(dtype=dtype).eval().requires_grad_(False) for k in ref}
         for k in ref:
             fast[k].load_state_dict(ref[k].state_dict())
         fasts.append(fast)
@@ -259,7 +262,7 @@ def isolated_main(args) -> dict:
     """End to end for one path alone in this process. Peak memory counts what the path holds once
     built (its weights) and what it allocates running (activations, graph pools)."""
     device = torch.device("cuda")
-    dtype = checkpoints.DTYPES[args.dtype]
+    dtype = loading.DTYPES[args.dtype]
     cfg = PRESETS[args.preset]
     mode = args.isolated
     tok = make_tokenizer()
@@ -369,7 +372,7 @@ def main(argv=None) -> int:
             res = run_isolated(mode, args)
             if res is not None:
                 isolated[mode] = res
-    dtype = checkpoints.DTYPES[args.dtype]
+    dtype = loading.DTYPES[args.dtype]
     cfg = PRESETS[args.preset]
     f = cfg.vae_decoder.downsample
     h = w = args.size // f
@@ -761,7 +764,7 @@ def cfg_parallel_main(args) -> int:
               file=sys.stderr)
         return 2
     device, rank, pair_half = layout.device, layout.rank, layout.cfg_pair
-    dtype = checkpoints.DTYPES[args.dtype] if device.type == "cuda" else torch.float32   # CPU: a smoke test
+    dtype = loading.DTYPES[args.dtype] if device.type == "cuda" else torch.float32   # CPU: a smoke test
     cfg = PRESETS[args.preset]
     u, f = cfg.uvit, cfg.vae_decoder.downsample
     h = w = args.size // f

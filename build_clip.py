@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from models.config import TextEncoderConfig
-from unidiffuser import build_args, cli
+from unidiffuser import cli
+from unidiffuser.engines import args as build_args
 
 NET = "text_encoder"
 
@@ -16,7 +17,7 @@ def prepare(args, ckpt_config):
 
 
 def build(args, ckpt_config, weights, cfg):
-    from unidiffuser import engine_build
+    from unidiffuser.engines import build as engine_build
     from models.trtllm.text_encoder import TextEncoder
     engine = engine_build.build_serialized(TextEncoder(cfg), weights, args.max_batch_size, fused_attention=False)
     return engine, args.max_batch_size, None, {"attention": "plain (causal)"}
@@ -24,7 +25,7 @@ def build(args, ckpt_config, weights, cfg):
 
 def main(argv=None) -> int:
     args = build_args.parse_args(NET, argv)
-    from unidiffuser import engine_build   # torch: after the arguments are checked
+    from unidiffuser.engines import build as engine_build   # torch: after the arguments are checked
     return engine_build.main(NET, args, prepare, build)
 
 

@@ -8,13 +8,14 @@ docs/engines.md), else through TensorRT's normalization layer.
 from __future__ import annotations
 
 from models.config import VAEDecoderConfig
-from unidiffuser import build_args, cli
+from unidiffuser import cli
+from unidiffuser.engines import args as build_args
 
 NET = "vae_decoder"
 
 
 def prepare(args, ckpt_config):
-    from unidiffuser import engine_build
+    from unidiffuser.engines import build as engine_build
     d = dict(ckpt_config["model_config"])
     d["ch_mult"] = tuple(d["ch_mult"])
     cfg = VAEDecoderConfig(**d)
@@ -26,7 +27,7 @@ def prepare(args, ckpt_config):
 
 
 def build(args, ckpt_config, weights, prepared):
-    from unidiffuser import engine_build
+    from unidiffuser.engines import build as engine_build
     from models.trtllm.vae_decoder import VAEDecoder, load_group_norm_plugin
     cfg, latent = prepared
     use_plugin = False
@@ -44,7 +45,7 @@ def build(args, ckpt_config, weights, prepared):
 
 def main(argv=None) -> int:
     args = build_args.parse_args(NET, argv, sizes=True, plugin=True)
-    from unidiffuser import engine_build   # torch: after the arguments are checked
+    from unidiffuser.engines import build as engine_build   # torch: after the arguments are checked
     return engine_build.main(NET, args, prepare, build)
 
 

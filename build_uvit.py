@@ -7,19 +7,20 @@
 from __future__ import annotations
 
 from models.config import UViTConfig
-from unidiffuser import build_args, cli
+from unidiffuser import cli
+from unidiffuser.engines import args as build_args
 
 NET = "uvit"
 
 
 def prepare(args, ckpt_config):
-    from unidiffuser import engine_build
+    from unidiffuser.engines import build as engine_build
     cfg = UViTConfig(**ckpt_config["model_config"])
     return cfg, engine_build.latent_size(args, ckpt_config, cfg.img_size)
 
 
 def build(args, ckpt_config, weights, prepared):
-    from unidiffuser import engine_build
+    from unidiffuser.engines import build as engine_build
     from models.trtllm.uvit import UViT, use_fused_attention
     cfg, latent = prepared
     fused = use_fused_attention(cfg) and not args.no_fused_attention
@@ -30,7 +31,7 @@ def build(args, ckpt_config, weights, prepared):
 
 def main(argv=None) -> int:
     args = build_args.parse_args(NET, argv, sizes=True)
-    from unidiffuser import engine_build   # torch: after the arguments are checked
+    from unidiffuser.engines import build as engine_build   # torch: after the arguments are checked
     return engine_build.main(NET, args, prepare, build)
 
 

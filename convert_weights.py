@@ -15,7 +15,8 @@ from functools import partial
 from pathlib import Path
 
 from models.config import PRESETS
-from unidiffuser import cli, folders
+from unidiffuser import cli
+from unidiffuser.weights import folders
 
 log = logging.getLogger("unidiffuser")
 
@@ -73,35 +74,38 @@ def main(argv=None) -> int:
     if not args.random and not args.download and not args.src.is_dir():
         raise ValueError(f"--src {args.src}: folder not found\n" + folders.placement_help(src))
 
-    from unidiffuser import checkpoints   # torch, transformers: after the checks above
+    # torch, transformers: after the checks above
+    from unidiffuser.networks import CLIP_DIR
+    from unidiffuser.weights import convert, originals, random_weights
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unidiffuser-random-") as scratch:
         if args.random:
             src = args.src or Path(scratch)
             log.info("writing random %s weights in the original layouts to %s", preset, src)
-            checkpoints.write_random_originals(src, preset, args.seed or 0)
+            random_weights.write_random_originals(src, preset, args.seed or 0)
         elif args.download:
             log.info("downloading the original files into %s", src)
-            checkpoints.download_originals(src)
-        missing = checkpoints.missing_originals(src)
+            originals.download_originals(src)
+        missing = originals.missing_originals(src)
         if missing:
-            raise checkpoints.CheckpointError("missing original files: " + ", ".join(missing) + "\n"
+            raise folders.CheckpointError("missing original files: " + ", ".join(missing) + "\n"
                                               + folders.placement_help(src))
-        checkpoints.clip_config_matches(src / checkpoints.CLIP_DIR, cfg)
+        originals.clip_config_matches(src / CLIP_DIR, cfg)
         log.info("reading %s", src)
-        networks = checkpoints.read_originals(src, cfg)
+        networks = originals.read_originals(src, cfg)
         random = args.random is not None or (src / folders.RANDOM_MARK).is_file()
         extra = None
         if args.trtllm:
-            from unidiffuser import trtllm_checkpoint
+            from unidiffuser.engines import checkpoint
             # Into the new folder before it is swapped in; its files were hashed as they were written.
-            extra = partial(trtllm_checkpoint.write_all, verify=False)
-        out = checkpoints.write_converted(args.out, cfg, networks, args.dtype, src / checkpoints.CLIP_DIR,
+            extra = partial(checkpoint.write_all, verify=False)
+        out = convert.write_converted(args.out, cfg, networks, args.dtype, src / CLIP_DIR,
                                           random=random, overwrite=args.overwrite,
                                           src=None if args.random and args.src is None else src, extra=extra)
     if args.trtllm:
-        log.info("wrote TensorRT-LLM checkpoints %s/trtllm/{%s}", out, ",".join(folders.NETWORKS))
+        from unidiffuser.networks import NAMES
+        log.info("wrote TensorRT-LLM checkpoints %s/trtllm/{%s}", out, ",".join(NAMES))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({preset}, {args.dtype}, {size / 2**20:.1f} MiB{', RANDOM weights' if random else ''}) "
           f"in {time.perf_counter() - t0:.1f} s")

@@ -7,19 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import re
 import tempfile
 from pathlib import Path
 
-from unidiffuser import cli, limits, memory
+from unidiffuser import backends, cli, limits, memory, options
 
 log = logging.getLogger("unidiffuser")
-
-# The choices of unidiffuser.checkpoints.DTYPES and pipeline.BACKENDS, spelled out so that
-# --help and argument errors answer before torch is imported.
-DTYPES, BACKENDS = ("bf16", "fp16", "fp32", "fp8"), ("torch", "trtllm")
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+FLAGS = {"n": "--n-samples", "seeds": "--seed"}   # the library's parameter names that are not the flag's
 
 
 def parse_args(argv=None):
@@ -37,9 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default: the model's, 512 for v1)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="network precision (default fp16 on CUDA, fp32 on CPU; "
+    p.add_argument("--dtype", choices=options.PRECISIONS, help="network precision (default fp16 on CUDA, fp32 on CPU; "
                    "fp8: the UViT blocks' linears in e4m3 on Hopper or newer, the rest fp16, see README)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="how the networks run (default torch)")
+    p.add_argument("--backend", choices=backends.NAMES, default="torch", help="how the networks run (default torch)")
     p.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the UViT "
                    "(~35 s of compiling per batch size for ~4%% per UViT call on an H100, see README)")
     p.add_argument("--engine-dir", type=Path, help="TensorRT-LLM engine folder of --backend trtllm "
@@ -63,26 +59,16 @@ def read_prompts(args) -> list[str]:
 
 def check_arguments(args, n_images: int) -> None:
     """Everything about the arguments that needs neither torch nor the model folder."""
-    if not 1 <= args.n_samples <= limits.MAX_BATCH:
-        raise ValueError(f"--n-samples must be in 1..{limits.MAX_BATCH} (one batch), got {args.n_samples}")
+    limits.check_int("n", args.n_samples, 1, limits.MAX_BATCH)
     limits.check_steps(args.steps)
     limits.check_scale(args.scale)
     for name in ("height", "width"):
         if getattr(args, name) is not None:   # None: the model's default size
             limits.check_side(name, getattr(args, name))
-    if not 0 <= args.seed <= 2**64 - n_images:   # torch.Generator.manual_seed takes [0, 2**64)
-        raise ValueError(f"--seed must be in [0, 2**64 - {n_images}] (image i uses seed + i, {n_images} image(s)), "
-                         f"got {args.seed}")
-    if args.device is not None and not DEVICE.fullmatch(args.device):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.compile and args.backend != "torch":
-        raise ValueError("--compile is an option of --backend torch (TensorRT-LLM engines are compiled by build_*.py)")
-    if args.dtype == "fp8" and (args.backend != "torch" or args.device == "cpu"):
-        raise ValueError("--dtype fp8 needs --backend torch on a CUDA GPU (Hopper or newer)")
-    if args.compile and args.device == "cpu":
-        raise ValueError("--compile needs --device cuda (it compiles the CUDA fast path)")
-    if args.engine_dir is not None and args.backend != "trtllm":
-        raise ValueError("--engine-dir is an option of --backend trtllm")
+    if not 0 <= args.seed <= limits.MAX_SEED - n_images:
+        raise limits.InputError("seed", "{seed} must be in [0, 2**64 - {0}] (image i uses seed + i, {0} image(s)), "
+                                "got {1}", n_images, args.seed)
+    options.check_syntax(args.device, args.dtype, args.backend, args.compile, args.engine_dir)
 
 
 def check_writable(out: Path) -> None:
@@ -101,25 +87,11 @@ def plan_outputs(prompts: list[str], args) -> list[tuple[str, int, Path]]:
     return [(p, args.seed + i, args.out / image_name(p, args.seed + i)) for i, p in enumerate(each)]
 
 
-def resolve_device(requested: str | None) -> str:
-    import torch
-    if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device is available here (use --device cpu)")
-        index = int(requested.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    return requested
-
-
 def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: int | None, width: int | None,
                  steps: int) -> None:
     """Refuse a size or batch that cannot fit, from the manifest alone (no weights read)."""
-    from unidiffuser import checkpoints
-    cfg, manifest = checkpoints.read_manifest(model_dir)
+    from unidiffuser.weights.folders import read_manifest
+    cfg, manifest = read_manifest(model_dir)
     stored = sum(e["bytes"] for e in manifest["files"].values() if "dtype" in e)
     weights = stored * memory.DTYPE_BYTES[dtype] // memory.DTYPE_BYTES[manifest["dtype"]]   # fp8: fp16 bound
     if not device.startswith("cuda"):
@@ -138,23 +110,21 @@ def main(argv=None) -> int:
     check_arguments(args, len(prompts) * args.n_samples)
     check_writable(args.out)
     if args.backend == "torch":   # the longest part of loading needs no torch: begin it now
-        from unidiffuser import folders, prefetch
-        prefetch.start(args.model_dir / f"{n}.safetensors" for n in folders.NETWORKS)
+        from unidiffuser.networks import NETWORKS
+        from unidiffuser.weights import prefetch
+        prefetch.start(args.model_dir / net.file for net in NETWORKS.values())
     if args.backend == "trtllm":   # before the device check: names the missing engine's build script anywhere
-        from unidiffuser.trtllm_backend import check_engine_files
+        from unidiffuser.backends.engine_folder import check_engine_files
         check_engine_files(args.engine_dir or args.model_dir / "engines")
-    device = resolve_device(args.device)
-    if device == "cpu" and (args.compile or args.dtype == "fp8"):   # the default device, resolved: no GPU here
-        raise ValueError(f"{'--compile' if args.compile else '--dtype fp8'} needs a CUDA GPU, and none is available "
-                         "here (the default --device is cpu)")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    opts = options.resolve(args.device, args.dtype, args.backend, args.compile, args.engine_dir)
 
     from unidiffuser import parallel
     # Under torchrun: this rank's device, CFG partner and share of the images (README, "Several
     # GPUs"); a single process gets all of them, n_samples (one prompt) per batch.
-    layout = parallel.init_from_env(device, cfg=args.scale != 0)
+    layout = parallel.init_from_env(opts.device, cfg=args.scale != 0)
+    opts = dataclasses.replace(opts, device=str(layout.device))
     if args.backend == "torch":
-        check_memory(args.model_dir, str(layout.device), dtype, args.n_samples, args.height, args.width, args.steps)
+        check_memory(args.model_dir, opts.device, opts.precision, args.n_samples, args.height, args.width, args.steps)
     batches = layout.batches(plan_outputs(prompts, args), args.n_samples)
     if layout.writer and not args.overwrite:
         taken = [p for batch in batches for _, _, png in batch for p in (png, png.with_suffix(".json")) if p.exists()]
@@ -165,8 +135,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from unidiffuser.api import UniDiffuser
-    pipe = UniDiffuser.load(args.model_dir, layout.device, dtype, args.backend, args.compile, args.engine_dir,
-                            cfg_pair=layout.cfg_pair)
+    pipe = UniDiffuser.from_options(args.model_dir, opts, cfg_pair=layout.cfg_pair)
     for batch in batches:
         batch_prompts, seeds, _ = zip(*batch)
         with tqdm(total=args.steps, desc=f"{batch_prompts[0][:40]!r}", unit="step", leave=False,
@@ -185,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, FLAGS)

@@ -13,7 +13,10 @@ from conftest import child_env
 import torch
 from PIL import Image
 
-from unidiffuser import UniDiffuser, checkpoints, pipeline
+from unidiffuser import UniDiffuser, pipeline
+from unidiffuser.backends import torch_backend
+
+from unidiffuser.weights import folders, loading
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,22 +80,37 @@ def test_same_pixels_as_run_py(pipe, model, tmp_path):
         assert np.array_equal(pixels(written), pixels(img))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt=[]), "at least one prompt"),
-    (dict(prompt="x", n=0), "--n-samples must be >= 1"),
-    (dict(prompt="x", height=40), "--height must be a positive multiple of 16"),
-    (dict(prompt="x", steps=0), "--steps must be in 1..1000"),
+@pytest.mark.parametrize("kwargs, message", [   # messages name the API's parameters (run.py spells them as flags)
+    (dict(prompt=[]), "prompt must be a string or a non-empty list of strings"),
+    (dict(prompt="x", n=0), "n must be in 1..4096, got 0"),
+    (dict(prompt="x", height=40), "height must be a positive multiple of 16"),
+    (dict(prompt="x", steps=0), "steps must be in 1..1000"),
     (dict(prompt=["x", "y"], seeds=[1]), "one per image"),
-    (dict(prompt="x", scale=float("nan")), "--scale must be a finite number"),
-    (dict(prompt="x", seed=2**64 - 1, n=2), r"--seed: every image's seed must be an integer in \[0, 2\*\*64\)"),
-    (dict(prompt="x", seeds=[-1]), "--seed"),
-    (dict(prompt=["x", "y"], batch=0), "batch must be >= 1"),
-    (dict(prompt="x", seeds=[1.9]), "seeds must be integers, got 1.9"),
-    (dict(prompt="x", seed="1"), "seed must be an integer, got '1'"),
+    (dict(prompt="x", scale=float("nan")), "scale must be a finite number"),
+    (dict(prompt="x", seed=2**64 - 1, n=2), r"seed: every image's seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(prompt="x", seeds=[-1]), "seeds: every image's seed"),
+    (dict(prompt=["x", "y"], batch=0), "batch must be in 1..4096, got 0"),
+    (dict(prompt="x", seeds=[1.9]), "seeds: every image's seed must be an integer.*got 1.9"),
+    (dict(prompt="x", seed="1"), "seed: every image's seed must be an integer.*got '1'"),
 ])
 def test_bad_arguments_raise_value_error(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=None), "prompt must be a string.*got None"),
+    (dict(prompt=123), "prompt must be a string.*got 123"),
+    (dict(prompt="x", steps="50"), "steps must be an integer in 1..1000, got '50'"),
+    (dict(prompt="x", scale="7"), "scale must be a finite number, got '7'"),
+    (dict(prompt="x", height=512.0), "height must be a positive multiple of 16.*got 512.0"),
+])
+def test_wrong_types_raise_type_error_naming_the_parameter(pipe, kwargs, message):
+    """A wrong type is a TypeError (and a ValueError, so one except clause takes every bad input)
+    that names the parameter and shows the value as given."""
+    with pytest.raises(TypeError, match=message) as e:
+        pipe(**kwargs)
+    assert isinstance(e.value, ValueError)
 
 
 def test_load_errors_are_value_errors(tmp_path):
@@ -104,10 +122,10 @@ def test_load_errors_are_value_errors(tmp_path):
 
 def test_networks_filled_from_files_in_target_dtype(model):
     """Built on the meta device, every parameter comes from the file, cast once to the dtype."""
-    cfg, manifest = checkpoints.read_manifest(model)
-    nets = checkpoints.load_networks(model, cfg, manifest, "cpu", torch.bfloat16)
+    cfg, manifest = folders.read_manifest(model)
+    nets = loading.load_networks(model, cfg, manifest, "cpu", torch.bfloat16)
     for name, net in nets.items():
-        sd = checkpoints.load_network(model, name, cfg, manifest)
+        sd = loading.load_network(model, name, cfg, manifest)
         tensors = dict(net.named_parameters()) | dict(net.named_buffers())
         assert set(tensors) == set(sd)
         for k, t in tensors.items():
@@ -120,12 +138,12 @@ def test_truncated_file_is_a_clear_error(model, tmp_path):
     bad = shutil.copytree(model, tmp_path / "m")
     path = bad / "vae_decoder.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
-    cfg, manifest = checkpoints.read_manifest(bad)
-    with pytest.raises(checkpoints.CheckpointError, match="vae_decoder.safetensors: sha256 does not match"):
-        checkpoints.load_networks(bad, cfg, manifest, "cpu", torch.float32)
+    cfg, manifest = folders.read_manifest(bad)
+    with pytest.raises(folders.CheckpointError, match="vae_decoder.safetensors: sha256 does not match"):
+        loading.load_networks(bad, cfg, manifest, "cpu", torch.float32)
     # Unverified, the broken layout itself is reported.
-    with pytest.raises(checkpoints.CheckpointError, match="not a readable safetensors file"):
-        checkpoints.load_network(bad, "vae_decoder", cfg, manifest, verify=False)
+    with pytest.raises(folders.CheckpointError, match="not a readable safetensors file"):
+        loading.load_network(bad, "vae_decoder", cfg, manifest, verify=False)
 
 
 def test_one_capture_per_shape_across_prompts(pipe, monkeypatch):
@@ -252,16 +270,17 @@ def test_bench_reprints_a_cold_start_only_run(tmp_path):
 def test_fp8_refused_before_loading_on_a_gpu_without_fp8_units(model, monkeypatch):
     """An A100 (sm_80) has no e4m3 matrix units: a clear error, before any weights are read."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    monkeypatch.setattr(checkpoints, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(torch_backend, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ValueError, match="fp8 needs a GPU with fp8 matrix units.*A100.*use fp16"):
         UniDiffuser.load(model, device="cuda", dtype="fp8")
 
 
 def test_compile_on_the_cpu_refused_before_loading(model, monkeypatch):
-    monkeypatch.setattr(checkpoints, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
-    with pytest.raises(ValueError, match="compile needs a CUDA device"):
+    monkeypatch.setattr(torch_backend, "load_networks", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="compile needs device cuda"):
         UniDiffuser.load(model, device="cpu", compile=True)
 
 
@@ -274,7 +293,8 @@ def test_warm_up_thread_runs_the_fast_kernels_without_error(caplog, monkeypatch)
     from models.config import PRESETS
     monkeypatch.setattr(groupnorm, "available", lambda: True)
     with caplog.at_level("DEBUG", logger="unidiffuser"):
-        thread = pipeline.warm_up_in_background(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+        from unidiffuser.backends.warmup import warm_up_in_background
+        thread = warm_up_in_background(PRESETS["tiny"], torch.device("cpu"), torch.float32)
         thread.join(timeout=120)
     assert not thread.is_alive()
     assert not [r for r in caplog.records if "warm-up thread" in r.getMessage()]

@@ -516,7 +516,7 @@ def test_failed_download_removes_only_what_it_created(tmp_path, monkeypatch, exi
     import huggingface_hub
     from huggingface_hub.utils import logging as hub_logging
 
-    from unidiffuser import checkpoints
+    from unidiffuser.weights import folders, originals
     src = tmp_path / "orig"
     mine = sentinel(src) if existed else None
 
@@ -536,8 +536,8 @@ def test_failed_download_removes_only_what_it_created(tmp_path, monkeypatch, exi
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     logging.getLogger().addHandler(handler)
     try:
-        with pytest.raises(checkpoints.CheckpointError, match="--random"):
-            checkpoints.download_originals(src)
+        with pytest.raises(folders.CheckpointError, match="--random"):
+            originals.download_originals(src)
     finally:
         logging.getLogger().removeHandler(handler)
     assert not [m for m in ours if "Retrying" in m]
@@ -563,14 +563,15 @@ def space_error(kind):
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_convert_disk_full_leaves_nothing_half_written(converted, tmp_path, monkeypatch, capsys, kind, overwrite):
     import convert_weights
-    from unidiffuser import checkpoints, cli as cli_module, files
+    from unidiffuser import cli as cli_module, files
+    from unidiffuser.weights import convert
     out = damaged_copy(converted[1], tmp_path) if overwrite else tmp_path / "model"
     before = snapshot(out) if overwrite else None
 
     def full(*args, **kwargs):
         raise space_error(kind)
 
-    monkeypatch.setattr(checkpoints, "save_file", full)
+    monkeypatch.setattr(convert, "save_file", full)
     if kind == "RuntimeError":   # torch.save's error carries no errno: the free space tells
         monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
     with pytest.raises(SystemExit) as e:

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from models.config import PRESETS
-from unidiffuser import checkpoints
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend
+from unidiffuser import networks
+from unidiffuser.weights import random_weights
+from unidiffuser.backends.torch_backend import TorchBackend
+from unidiffuser.pipeline import Request, Text2Image
 
 pytestmark = pytest.mark.gpu
 CFG = PRESETS["v1"]
@@ -21,9 +23,9 @@ def rel_l2(a, b):
 @pytest.fixture(scope="module")
 def nets():
     g = torch.Generator().manual_seed(0)
-    ref = {n: checkpoints.randomize_(checkpoints.build(n, CFG), g).cuda().eval().requires_grad_(False)
-           for n in checkpoints.NETWORKS}
-    fast = {n: checkpoints.build(n, CFG) for n in ref}
+    ref = {n: random_weights.randomize_(networks.build(n, CFG), g).cuda().eval().requires_grad_(False)
+           for n in networks.NAMES}
+    fast = {n: networks.build(n, CFG) for n in ref}
     for n in ref:
         fast[n].load_state_dict(ref[n].state_dict())
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -150,7 +152,7 @@ def test_fusions_match_unfused_and_fp32(nets):
 @pytest.fixture(scope="module")
 def fp8_backend(nets):
     ref, _ = nets
-    copy = {n: checkpoints.build(n, CFG) for n in checkpoints.NETWORKS}
+    copy = {n: networks.build(n, CFG) for n in networks.NAMES}
     for n in copy:
         copy[n].load_state_dict({"text_encoder": ref.text_encoder, "uvit": ref.uvit_net,
                                  "vae_decoder": ref.vae_decoder}[n].state_dict())

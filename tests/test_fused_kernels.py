@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from models import fp8, fused_norm
 from models.config import PRESETS
 from models.uvit import SkipLinear, UViT
-from unidiffuser import checkpoints
+from unidiffuser import networks
+from unidiffuser.weights import random_weights
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not fused_norm.available(DEVICE),
@@ -129,7 +130,7 @@ def test_fp8_linear_close_to_linear(fp8_layer_math):
 @torch.no_grad()
 def test_convert_uvit_to_fp8(fp8_layer_math):
     cfg = PRESETS["tiny"].uvit
-    net = checkpoints.randomize_(UViT(cfg), torch.Generator().manual_seed(4)).eval()
+    net = random_weights.randomize_(UViT(cfg), torch.Generator().manual_seed(4)).eval()
     g = torch.Generator().manual_seed(5)
     B = 2
     args = (torch.randn(B, cfg.in_chans, 8, 8, generator=g), torch.randn(B, 1, cfg.clip_img_dim, generator=g),
@@ -149,23 +150,23 @@ def test_convert_uvit_to_fp8(fp8_layer_math):
 
 
 def test_fp8_needs_the_cuda_fast_path():
-    from unidiffuser.pipeline import TorchBackend
-    nets = {n: checkpoints.build(n, PRESETS["tiny"]) for n in checkpoints.NETWORKS}
-    with pytest.raises(ValueError, match="fp8 needs the CUDA fast path"):
-        TorchBackend(nets, torch.device("cpu"), torch.float32, quant="fp8")
-    with pytest.raises(ValueError, match="quant must be"):
-        TorchBackend(nets, torch.device("cpu"), torch.float32, quant="int4")
+    """The rule lives in the front door (options.resolve), before any weights are read."""
+    from unidiffuser import options
+    with pytest.raises(ValueError, match="dtype fp8 needs backend torch on a CUDA GPU"):
+        options.resolve(device="cpu", dtype="fp8")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        options.resolve(device="cpu", dtype="int4")
 
 
 def test_make_fast_leaves_cudnn_benchmark_alone():
     """It used to set torch.backends.cudnn.benchmark for the whole process (leaking into
     diffusers' VAE when benchmarked in the same process); the decoder no longer autotunes at all."""
-    from unidiffuser.pipeline import make_fast
+    from unidiffuser.backends.torch_backend import make_fast
     cfg = PRESETS["tiny"]
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        make_fast(checkpoints.build("uvit", cfg), checkpoints.build("vae_decoder", cfg))
+        make_fast(networks.build("uvit", cfg), networks.build("vae_decoder", cfg))
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = saved

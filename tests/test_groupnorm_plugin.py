@@ -259,20 +259,21 @@ def test_decoder_falls_back_to_torch_when_the_library_has_no_kernel(monkeypatch,
     """Forced: the device check reports no kernel. The fp16 fast path's decoder then uses torch's
     group_norm and still matches the fp32 reference (relative L2 <= 1e-2)."""
     from models.config import PRESETS
-    from unidiffuser import checkpoints
-    from unidiffuser.pipeline import TorchBackend
+    from unidiffuser import networks
+    from unidiffuser.weights import random_weights
+    from unidiffuser.backends.torch_backend import TorchBackend
     if not groupnorm.library_path().is_file():
         pytest.skip(f"plugin library not built at {groupnorm.library_path()} (build it: {groupnorm.BUILD_CMD})")
     _reset(monkeypatch)
     monkeypatch.setattr(groupnorm, "_device_check", lambda lib, device, path: f"{path} has no kernel for this GPU (forced)")
     cfg = PRESETS["tiny"]
-    ref_net = checkpoints.randomize_(checkpoints.build("vae_decoder", cfg), torch.Generator().manual_seed(0))
-    fast_net = checkpoints.build("vae_decoder", cfg)
+    ref_net = random_weights.randomize_(networks.build("vae_decoder", cfg), torch.Generator().manual_seed(0))
+    fast_net = networks.build("vae_decoder", cfg)
     fast_net.load_state_dict(ref_net.state_dict())
-    ref = TorchBackend({"text_encoder": checkpoints.build("text_encoder", cfg), "uvit": checkpoints.build("uvit", cfg),
+    ref = TorchBackend({"text_encoder": networks.build("text_encoder", cfg), "uvit": networks.build("uvit", cfg),
                         "vae_decoder": ref_net}, torch.device("cuda"), torch.float32)
     with caplog.at_level(logging.WARNING, logger="unidiffuser"):
-        fast = TorchBackend({"text_encoder": checkpoints.build("text_encoder", cfg), "uvit": checkpoints.build("uvit", cfg),
+        fast = TorchBackend({"text_encoder": networks.build("text_encoder", cfg), "uvit": networks.build("uvit", cfg),
                              "vae_decoder": fast_net}, torch.device("cuda"), torch.float16)
     assert [r.getMessage() for r in caplog.records].count(
         f"fused GroupNorm unavailable, using torch's group_norm: {groupnorm.library_path()} has no kernel for this GPU (forced)") == 1

@@ -28,7 +28,7 @@ from models.config import PRESETS, TextEncoderConfig, UViTConfig, VAEDecoderConf
 from models.text_encoder import TextEncoder
 from models.uvit import UViT
 from models.vae_decoder import VAEDecoder
-from unidiffuser.checkpoints import randomize_
+from unidiffuser.weights.random_weights import randomize_
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is the test-only oracle for the UViT and the VAE decoder (pip install diffusers)"

@@ -10,8 +10,10 @@ import torch
 from safetensors import safe_open
 
 from models.config import PRESETS
-from unidiffuser import checkpoints, engine_build, trtllm_checkpoint
-from unidiffuser.engine_build import EngineError, check_engine_config
+from unidiffuser import networks
+from unidiffuser.engines import build as engine_build, checkpoint as trtllm_checkpoint
+from unidiffuser.weights import folders, loading
+from unidiffuser.backends.engine_folder import EngineError, check_engine_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("text_encoder", "uvit", "vae_decoder")
@@ -33,7 +35,7 @@ def test_checkpoint_folders_match_reference_parameters(model_dir):
     cfg = PRESETS["tiny"]
     for net in NETS:
         folder = model_dir / "trtllm" / net
-        expected = {k: tuple(p.shape) for k, p in checkpoints.build(net, cfg).named_parameters()}
+        expected = {k: tuple(p.shape) for k, p in networks.build(net, cfg).named_parameters()}
         with safe_open(str(folder / "rank0.safetensors"), "pt") as f:
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
@@ -42,15 +44,15 @@ def test_checkpoint_folders_match_reference_parameters(model_dir):
 
 
 def test_checkpoint_values_equal_converted_weights(model_dir):
-    cfg, manifest = checkpoints.read_manifest(model_dir)
-    sd = checkpoints.load_network(model_dir, "uvit", cfg, manifest)
+    cfg, manifest = folders.read_manifest(model_dir)
+    sd = loading.load_network(model_dir, "uvit", cfg, manifest)
     with safe_open(str(model_dir / "trtllm" / "uvit" / "rank0.safetensors"), "pt") as f:
         for k in ("pos_embed", "in_blocks.0.attn.qkv.weight", "token_embedding.weight"):
             assert torch.equal(f.get_tensor(k), sd[k].half())
 
 
 def test_checkpoint_config_json(model_dir):
-    cfg, manifest = checkpoints.read_manifest(model_dir)
+    cfg, manifest = folders.read_manifest(model_dir)
     for net in NETS:
         c = json.loads((model_dir / "trtllm" / net / "config.json").read_text())
         assert c["architecture"] == trtllm_checkpoint.ARCHITECTURES[net]
@@ -101,7 +103,7 @@ def test_build_script_without_tensorrt_llm(model_dir, tmp_path, script):
 # --- the engine-folder contract ------------------------------------------------------------------
 
 def fake_engine_dir(root: Path, model_dir: Path, rows=8, latent=(16, 16)):
-    cfg, manifest = checkpoints.read_manifest(model_dir)
+    cfg, manifest = folders.read_manifest(model_dir)
     for net in NETS:
         ckpt, weights = trtllm_checkpoint.read_checkpoint(model_dir / "trtllm" / net, net)
         c = engine_build.engine_config(net, ckpt, weights, rows if net == "uvit" else rows // 2, rows // 2,
@@ -111,7 +113,7 @@ def fake_engine_dir(root: Path, model_dir: Path, rows=8, latent=(16, 16)):
 
 
 def test_engine_contract_accepts_matching_engines(model_dir, tmp_path):
-    from unidiffuser.trtllm_backend import check_engines
+    from unidiffuser.backends.engine_folder import check_engines
     cfg, manifest = fake_engine_dir(tmp_path, model_dir)
     configs = check_engines(tmp_path, cfg, manifest, torch.float16)
     assert configs["uvit"]["max_batch_size"] == 8 and configs["uvit"]["max_images"] == 4
@@ -119,7 +121,7 @@ def test_engine_contract_accepts_matching_engines(model_dir, tmp_path):
 
 
 def test_engine_contract_errors_name_the_build_script(model_dir, tmp_path):
-    from unidiffuser.trtllm_backend import check_engines
+    from unidiffuser.backends.engine_folder import check_engines
     cfg, manifest = fake_engine_dir(tmp_path, model_dir)
     uvit = json.loads((tmp_path / "uvit" / "config.json").read_text())
     with pytest.raises(EngineError, match=r"build_uvit.py --max-batch-size 5"):
@@ -140,7 +142,7 @@ def test_engine_contract_errors_name_the_build_script(model_dir, tmp_path):
 
 
 def test_engine_contract_other_weights(model_dir, tmp_path):
-    from unidiffuser.trtllm_backend import check_engines
+    from unidiffuser.backends.engine_folder import check_engines
     cfg, manifest = fake_engine_dir(tmp_path, model_dir)
     other = json.loads(json.dumps(manifest))
     other["files"]["uvit.safetensors"]["sha256"] = "0" * 64
@@ -176,7 +178,7 @@ def test_uvit_checkpoint_names_the_gelu_the_torch_module_computes(model_dir):
 
 
 def test_replay_matches():
-    from unidiffuser.trtllm_backend import replay_matches
+    from unidiffuser.backends.trtllm import replay_matches
     g = torch.Generator().manual_seed(0)
     out = {"a": torch.randn(2, 8, generator=g), "b": torch.randn(3, generator=g)}
     assert replay_matches({k: v.clone() for k, v in out.items()}, out)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unidiffuser import checkpoints
-from unidiffuser.pipeline import Request, Text2Image, TorchBackend
+from unidiffuser.weights import folders
+from unidiffuser.backends.torch_backend import TorchBackend
+from unidiffuser.pipeline import Request, Text2Image
 from unidiffuser.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model):
-    cfg, manifest = checkpoints.read_manifest(model)
+    cfg, manifest = folders.read_manifest(model)
     return cfg, TorchBackend.load(model, cfg, manifest, DEVICE, torch.float32)
 
 
@@ -94,13 +95,13 @@ def reference(model):
 def engines(model):
     if NO_ENGINES:
         pytest.skip(NO_ENGINES)
-    from unidiffuser.trtllm_backend import TrtllmBackend
+    from unidiffuser.backends.trtllm import TrtllmBackend
     n = str(MAX_IMAGES)
     run_script("build_clip.py", "--model-dir", model, "--max-batch-size", n)
     run_script("build_uvit.py", "--model-dir", model, "--max-batch-size", n)
     run_script("build_decoder.py", "--model-dir", model, "--max-batch-size", n,
                *(["--plugin-lib", PLUGIN] if PLUGIN.is_file() else []))
-    cfg, manifest = checkpoints.read_manifest(model)
+    cfg, manifest = folders.read_manifest(model)
     return TrtllmBackend(model, cfg, manifest, torch.device("cuda"), torch.float16)
 
 
@@ -171,7 +172,7 @@ def test_uvit(reference, engines, images):
 
 @pytest.mark.trtllm
 def test_uvit_one_context_per_captured_shape(reference, engines):
-    from unidiffuser.trtllm_backend import _Graph
+    from unidiffuser.backends.trtllm import _Graph
     cfg, _ = reference
     for images in (1, MAX_IMAGES):
         z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
@@ -185,7 +186,7 @@ def test_uvit_one_context_per_captured_shape(reference, engines):
 
 @pytest.mark.trtllm
 def test_uvit_failed_enqueue_in_capture_falls_back_to_eager(reference, engines, monkeypatch, caplog):
-    from unidiffuser import trtllm_backend
+    from unidiffuser.backends import trtllm as trtllm_backend
     cfg, ref = reference
     engine = engines.engines["uvit"]
     monkeypatch.setattr(engine, "graphs", {})
@@ -202,7 +203,7 @@ def test_uvit_failed_enqueue_in_capture_falls_back_to_eager(reference, engines, 
 
 @pytest.mark.trtllm
 def test_uvit_replay_mismatch_falls_back_to_eager(reference, engines, monkeypatch, caplog):
-    from unidiffuser import trtllm_backend
+    from unidiffuser.backends import trtllm as trtllm_backend
     cfg, _ = reference
     engine = engines.engines["uvit"]
     monkeypatch.setattr(engine, "graphs", {})
@@ -230,7 +231,7 @@ def test_end_to_end(model, reference, engines):
 
 @pytest.mark.trtllm
 def test_wrong_size_and_batch_errors(reference, engines):
-    from unidiffuser.engine_build import EngineError
+    from unidiffuser.backends.engine_folder import EngineError
     cfg, _ = reference
     u, n = cfg.uvit, 2 * MAX_IMAGES + 2
     z = torch.zeros(n, 4, u.img_size, u.img_size, device="cuda", dtype=torch.half)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 
+from . import limits, options
 from .files import image_name, write_image_pair
-from .pipeline import BACKENDS, Request, Text2Image
+from .pipeline import Request, Text2Image
 
 log = logging.getLogger("unidiffuser")
 
@@ -65,36 +65,19 @@ class UniDiffuser:
     def load(cls, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
              backend: str = "torch", compile: bool = False, engine_dir: str | Path | None = None,
              cfg_pair=None) -> "UniDiffuser":
-        """device: "cuda" (default when available) or "cpu"; dtype: fp16 (default on CUDA), bf16,
-        fp8 (the UViT blocks' linears in e4m3, Hopper or newer) or fp32 (default on the CPU, the
-        reference); backend "torch" or "trtllm" (engine_dir, default
+        """device: "cpu", "cuda" or "cuda:N" (default cuda when available); dtype: fp16 (default on
+        CUDA), bf16, fp8 (the UViT blocks' linears in e4m3, Hopper or newer) or fp32 (default on
+        the CPU, the reference); backend "torch" or "trtllm" (engine_dir, default
         MODEL_DIR/engines); cfg_pair: this rank's half of a CFG pair under torchrun
-        (`parallel.init_from_env(...).cfg_pair`). Raises ValueError (CheckpointError) with one clear
-        line on bad input."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device}: no CUDA device is available here (use device='cpu')")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        dtype = dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
-        if compile and not str(device).startswith("cuda"):   # before any weights are read
-            raise ValueError("compile needs a CUDA device (it compiles the CUDA fast path)")
-        options = {"compile": True} if compile else {}
-        precision = dtype
-        if dtype == "fp8":   # the UViT blocks' linears in e4m3 (models/fp8.py), everything else fp16
-            if backend != "torch" or not str(device).startswith("cuda"):
-                raise ValueError("dtype fp8 needs the torch backend on a CUDA GPU (Hopper or newer)")
-            if torch.cuda.get_device_capability(torch.device(device)) < (9, 0):   # models/fp8.py: rowwise-scaled e4m3
-                raise ValueError(f"dtype fp8 needs a GPU with fp8 matrix units (Hopper or newer); "
-                                 f"{torch.cuda.get_device_name(torch.device(device))} has none: use fp16")
-            dtype, options["quant"] = "fp16", "fp8"
-        if backend == "trtllm":
-            if compile:
-                raise ValueError("compile is an option of the torch backend")
-            options = {"engine_dir": None if engine_dir is None else Path(engine_dir)}
-        pipe = cls(Text2Image.from_dir(model_dir, device, dtype, backend, cfg_pair=cfg_pair, **options), Path(model_dir),
-                   backend, precision)
-        if dtype == "fp32" and pipe.weights_dtype not in (None, "fp32"):
+        (`parallel.init_from_env(...).cfg_pair`). A bad option or model folder raises ValueError
+        with one clear line naming it, before any weights are read."""
+        return cls.from_options(model_dir, options.resolve(device, dtype, backend, compile, engine_dir), cfg_pair)
+
+    @classmethod
+    def from_options(cls, model_dir: str | Path, opts: options.Options, cfg_pair=None) -> "UniDiffuser":
+        """Load with options already resolved (options.resolve)."""
+        pipe = cls(Text2Image.from_dir(model_dir, opts, cfg_pair), Path(model_dir), opts.backend, opts.precision)
+        if opts.dtype == "fp32" and pipe.weights_dtype not in (None, "fp32"):
             log.warning("fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
                         "the reference needs a folder made by convert_weights.py --dtype fp32", pipe.weights_dtype)
         return pipe
@@ -126,27 +109,24 @@ class UniDiffuser:
         batch (default n: one batch per prompt; a batch may mix prompts); progress(batch, step) is
         called after each sampling step of each batch (on the CUDA-graph path, when the step is
         queued on the GPU: the bar runs ahead of the GPU and the last step waits for it)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("give at least one prompt (a string or a list of strings)")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"--n-samples must be >= 1, got {n}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise limits.InputTypeError("prompt", "{prompt} must be a string or a non-empty list of strings, got {0!r}",
+                                        prompt)
+        prompts = list(prompts)
+        limits.check_int("n", n, 1, limits.MAX_BATCH)
         total = len(prompts) * n
-        def is_int(s):
-            return isinstance(s, int) and not isinstance(s, bool)
-
+        given = "seed" if seeds is None else "seeds"
         if seeds is None:
-            if not is_int(seed):
-                raise ValueError(f"seed must be an integer, got {seed!r}")
+            limits.check_seeds([seed])
             seeds = [seed + i for i in range(total)]
         seeds = list(seeds)
-        if not all(is_int(s) for s in seeds):
-            raise ValueError(f"seeds must be integers, got {next(s for s in seeds if not is_int(s))!r}")
         if len(seeds) != total:
-            raise ValueError(f"seeds: need one per image ({len(prompts)} prompt(s) x {n}), got {len(seeds)}")
+            raise limits.InputError("seeds", "{seeds}: need one per image ({0} prompt(s) x {1}), got {2}",
+                                    len(prompts), n, len(seeds))
+        limits.check_seeds(seeds, given)
         batch = n if batch is None else batch
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        limits.check_int("batch", batch, 1, limits.MAX_BATCH)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         each = [p for p in prompts for _ in range(n)]

@@ -1,6 +1,8 @@
 """What every command does around its main(): log to the terminal, and turn a bad input
 (CheckpointError and EngineError are ValueErrors; a failed write is an OSError) into one clear
-line and exit code 2; Ctrl-C exits 130 without a traceback.
+line and exit code 2; Ctrl-C exits 130 without a traceback. The library names parameters
+(limits.InputError); here each is spelled as the command's flag: `n` -> `--n`, unless `flags`
+says otherwise (run.py: n -> --n-samples).
 
 Commands import torch and the networks inside main(), after their arguments are checked, so
 that --help and argument errors answer at once (importing torch alone takes seconds)."""
@@ -11,8 +13,14 @@ import os
 import sys
 from typing import Callable, NoReturn
 
+from .limits import InputError
 
-def run(main: Callable[[], int]) -> NoReturn:
+
+def flag(name: str, flags: dict[str, str] | None = None) -> str:
+    return (flags or {}).get(name) or "--" + name.replace("_", "-")
+
+
+def run(main: Callable[[], int], flags: dict[str, str] | None = None) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         code = main()
@@ -24,7 +32,8 @@ def run(main: Callable[[], int]) -> NoReturn:
         sys.stderr.flush()
         os._exit(code or 0)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = e.render(lambda name: flag(name, flags)) if isinstance(e, InputError) else str(e)
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
     except SystemExit as e:
         if isinstance(e.code, str):   # SystemExit("error: ...") of a library check: an input error too

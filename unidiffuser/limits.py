@@ -1,28 +1,75 @@
-"""What a request may ask for, checked without torch: the commands check their arguments with
-these before importing anything heavy, and pipeline.Request.validate checks every request (the
-Python API's too) with the same rules and messages."""
+"""What a request may ask for, checked without torch, and the error that names a bad input.
+
+The commands check their arguments with these before importing anything heavy, and the library
+checks every request (the Python API's too) with the same rules and messages. A message names
+parameters, not flags: `InputError` keeps the names apart from the text, so the commands can
+spell each one as their flag (cli.run) and the API as its keyword.
+"""
 from __future__ import annotations
 
 import math
+import string
+from typing import Callable
 
 # The largest image side accepted: 8x the side v1 was trained at (512). Beyond it the UViT's
 # interpolated positional embedding has nothing left to say, and the decoder alone needs tens of GiB.
 MAX_SIDE = 4096
 MAX_STEPS = 1000   # the discrete noise schedule has 1000 steps; the solver needs no more
 MAX_BATCH = 4096   # images in one batch: far beyond what any GPU holds at 512x512 (memory.py says what fits)
+MAX_SEED = 2**64   # torch.Generator.manual_seed takes [0, 2**64)
+
+
+class InputError(ValueError):
+    """A bad input. `template` is str.format text in which {name} fields are parameter names
+    and {0}, {1}, ... the given values (inserted as given, never parsed as a template)."""
+
+    def __init__(self, param: str, template: str, *values):
+        self.param, self.template, self.values = param, template, values
+        super().__init__(self.render())
+
+    def render(self, spell: Callable[[str], str] = str) -> str:
+        names = {f for _, f, _, _ in string.Formatter().parse(self.template) if f and not f[0].isdigit()}
+        return self.template.format(*self.values, **{n: spell(n) for n in names})
+
+
+class InputTypeError(InputError, TypeError):
+    """A value of the wrong type (also a ValueError, so that one except clause takes every bad input)."""
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_int(name: str, value, lo: int, hi: int) -> None:
+    if not is_int(value):
+        raise InputTypeError(name, "{%s} must be an integer in %d..%d, got {0!r}" % (name, lo, hi), value)
+    if not lo <= value <= hi:
+        raise InputError(name, "{%s} must be in %d..%d, got {0}" % (name, lo, hi), value)
 
 
 def check_side(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 16 or value > MAX_SIDE:
-        raise ValueError(f"--{name} must be a positive multiple of 16 (8x VAE, 2x2 patches) of at most "
-                         f"{MAX_SIDE}, got {value}")
+    if not is_int(value) or value <= 0 or value % 16 or value > MAX_SIDE:
+        cls = InputError if is_int(value) else InputTypeError
+        raise cls(name, "{%s} must be a positive multiple of 16 (8x VAE, 2x2 patches) of at most %d, got {0!r}"
+                  % (name, MAX_SIDE), value)
 
 
-def check_steps(steps) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be in 1..{MAX_STEPS}, got {steps}")
+def check_steps(steps, name: str = "steps") -> None:
+    check_int(name, steps, 1, MAX_STEPS)
 
 
-def check_scale(scale) -> None:
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"--scale must be a finite number, got {scale}")
+def check_scale(scale, name: str = "scale") -> None:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise InputTypeError(name, "{%s} must be a finite number, got {0!r}" % name, scale)
+    if not math.isfinite(scale):
+        raise InputError(name, "{%s} must be a finite number, got {0}" % name, scale)
+
+
+def check_seeds(seeds, name: str = "seed") -> None:
+    """Every image's seed: an integer in [0, 2**64)."""
+    for s in seeds:
+        if not is_int(s):
+            raise InputTypeError(name, "{%s}: every image's seed must be an integer in [0, 2**64), got {0!r}"
+                                 % name, s)
+        if not 0 <= s < MAX_SEED:
+            raise InputError(name, "{%s}: every image's seed must be an integer in [0, 2**64), got {0}" % name, s)

@@ -1,12 +1,7 @@
-"""What build_clip.py, build_uvit.py and build_decoder.py share, and the engine-folder contract
-that the trtllm backend checks. Nothing here imports TensorRT(-LLM) at module level: argument
-handling, checkpoint validation and the contract run (and are tested) on any machine.
-
-Engine folder MODEL/engines/<net>/:
-    rank0.engine   the serialized TensorRT engine
-    config.json    what it was built for: network, dtype, max batch (engine rows), latent size,
-                   the network's model config, the source checkpoint's sha256, plugins, versions
-"""
+"""What build_clip.py, build_uvit.py and build_decoder.py share: checkpoint -> TensorRT-LLM network
+-> engine folder (backends/engine_folder.py says what it holds). Nothing here imports
+TensorRT(-LLM) at module level: argument handling and checkpoint validation run (and are tested)
+on any machine; the engine build itself runs inside the TensorRT-LLM 1.2 image (docs/engines.md)."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,20 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from models.config import ModelConfig
 
-from . import checkpoints, trtllm_checkpoint
-from .build_args import NO_TRTLLM
-from .files import atomic_write, atomic_write_text
-from .folders import sha256
-
-ENGINE_FILE, CONFIG_FILE, FORMAT = "rank0.engine", "config.json", 1
-SCRIPTS = {"text_encoder": "build_clip.py", "uvit": "build_uvit.py", "vae_decoder": "build_decoder.py"}
-
-
-class EngineError(ValueError):
-    """A missing engine, or one built for another model, dtype, batch or size."""
-
+from ..backends.engine_folder import CONFIG_FILE, ENGINE_FILE, FORMAT, NO_TRTLLM, EngineError
+from ..files import atomic_write, atomic_write_text
+from ..weights.folders import CheckpointError, sha256
+from . import checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Build scripts
@@ -140,12 +126,12 @@ def main(net: str, args, prepare, build) -> int:
     -> prepare(args, ckpt_config) -> is TensorRT-LLM here? -> build(args, ckpt_config, weights,
     prepared) -> engine folder. Every input error is one line and exit 2, before the build."""
     try:
-        ckpt_config, weights = trtllm_checkpoint.read_checkpoint(args.checkpoint_dir, net)
+        ckpt_config, weights = checkpoint.read_checkpoint(args.checkpoint_dir, net)
         check_output_dir(args.output_dir)
         prepared = prepare(args, ckpt_config)
         if importlib.util.find_spec("tensorrt_llm") is None:
             raise ValueError(NO_TRTLLM)
-    except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trtllm = import_tensorrt_llm()
@@ -163,52 +149,3 @@ def main(net: str, args, prepare, build) -> int:
     print(f"built {path} in {dt:.1f} s, {path.stat().st_size / 2**20:.1f} MiB "
           f"(max {max_rows} rows{', latent %dx%d' % latent if latent else ''})")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# The engine-folder contract (checked by the trtllm backend before loading anything)
-
-def read_engine_config(engine_dir: Path, net: str) -> dict:
-    d = Path(engine_dir) / net
-    script = SCRIPTS[net]
-    if not (d / ENGINE_FILE).is_file():
-        raise EngineError(f"{d / ENGINE_FILE}: no engine; build it with: python {script} --model-dir MODEL")
-    try:
-        return json.loads((d / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise EngineError(f"{d / CONFIG_FILE}: missing or unreadable ({e}); rebuild with: python {script}") from None
-
-
-def check_engine_config(engine_cfg: dict, net: str, cfg: ModelConfig, dtype: str = "float16",
-                        rows: int | None = None, latent: tuple[int, int] | None = None, where: str = "") -> None:
-    """Raise EngineError, naming the build script, when the engine does not fit this run."""
-    script = SCRIPTS[net]
-    where = where or f"engines/{net}"
-    if engine_cfg.get("format") != FORMAT or engine_cfg.get("network") != net:
-        raise EngineError(f"{where}: not a {net} engine of this project (network={engine_cfg.get('network')!r}); "
-                          f"rebuild with: python {script}")
-    if engine_cfg.get("model_config") != json.loads(json.dumps(cfg.to_dict()[net])):   # as stored (tuples -> lists)
-        raise EngineError(f"{where}: built for another model config than the model folder's config.json; "
-                          f"rebuild with: python {script} --model-dir MODEL")
-    if engine_cfg.get("dtype") != dtype:
-        raise EngineError(f"{where}: built for {engine_cfg.get('dtype')}, this run needs {dtype} "
-                          f"(engines are fp16: pass --dtype fp16, or rebuild with python {script})")
-    if rows is not None and rows > engine_cfg.get("max_batch_size", 0):
-        hint = (f"{rows} engine rows (2 CFG rows per image) > its max {engine_cfg['max_batch_size']}"
-                if net == "uvit" else f"batch {rows} > its max {engine_cfg.get('max_batch_size')}")
-        need = (rows + 1) // 2 if net == "uvit" else rows
-        raise EngineError(f"{where}: {hint}; rebuild with: python {script} --max-batch-size {need}")
-    if latent is not None and (engine_cfg.get("latent_height"), engine_cfg.get("latent_width")) != tuple(latent):
-        f = cfg.vae_decoder.downsample
-        raise EngineError(f"{where}: built for {engine_cfg.get('latent_height', 0) * f}x"
-                          f"{engine_cfg.get('latent_width', 0) * f} images, this run asks "
-                          f"{latent[0] * f}x{latent[1] * f}; rebuild with: python {script} "
-                          f"--height {latent[0] * f} --width {latent[1] * f}")
-
-
-def check_source(engine_cfg: dict, net: str, manifest: dict) -> None:
-    """The engine's weights came from this model folder's <net>.safetensors."""
-    entry = manifest.get("files", {}).get(f"{net}.safetensors", {})
-    if engine_cfg.get("source_sha256") != entry.get("sha256"):
-        raise EngineError(f"engines/{net}: built from other weights than this model folder's {net}.safetensors; "
-                          f"rebuild: python convert_weights.py ... --trtllm, then python {SCRIPTS[net]}")

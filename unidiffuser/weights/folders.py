@@ -1,4 +1,5 @@
-"""What the commands may write into or replace, decided before any work starts.
+"""The model folder and the folders the commands may write into or replace, decided before any
+work starts. No torch here: these checks run in the first second of a command.
 
 A converted model folder is recognised by its manifest.json: {"format": MARKER, "version": 2,
 "files": {relative path: {"sha256", "bytes", ...}}} lists every file the folder needs
@@ -7,49 +8,41 @@ and only when every file in it is one this project wrote: those listed in the ma
 manifest.json itself, and the TensorRT-LLM folders written from it (trtllm/<net>/ by
 convert_weights.py --trtllm, engines/<net>/ by build_*.py; both are made from the old weights,
 so they go with them). Never ".", "/", the home folder, --src or a folder containing it.
-
-No torch here: these checks run in the first second of a command.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 from pathlib import Path
 
+from models.config import ModelConfig
+
+from ..files import sha256
+from ..networks import CLIP_DIR, CLIP_FILES, CLIP_REPO, HUB_FILES, HUB_REPO, NAMES, NETWORKS, ORIGINALS
+
 MARKER, VERSION = "unidiffuser-model-folder", 2
 MANIFEST = "manifest.json"
-NETWORKS = ("text_encoder", "uvit", "vae_decoder")
 SMALL_FILES = ("config.json", "tokenizer/vocab.json", "tokenizer/merges.txt")
-REQUIRED = tuple(f"{n}.safetensors" for n in NETWORKS) + SMALL_FILES
+REQUIRED = tuple(NETWORKS[n].file for n in NAMES) + SMALL_FILES
 # Written from the model folder by convert_weights.py --trtllm and build_*.py.
-DERIVED = {f"trtllm/{n}/{f}" for n in NETWORKS for f in ("config.json", "rank0.safetensors")} | \
-          {f"engines/{n}/{f}" for n in NETWORKS for f in ("config.json", "rank0.engine")}
-# What --random writes in the original layouts (checkpoints.write_random_originals).
+DERIVED = {f"trtllm/{n}/{f}" for n in NAMES for f in ("config.json", "rank0.safetensors")} | \
+          {f"engines/{n}/{f}" for n in NAMES for f in ("config.json", "rank0.engine")}
+# What --random writes in the original layouts (weights/random.py).
 RANDOM_MARK = "RANDOM_WEIGHTS"
-# The original files: three from HUB_REPO, CLIP's text tower from CLIP_REPO (in CLIP_DIR).
-UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, CLIP_DIR = (
-    "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14")
-HUB_REPO, CLIP_REPO = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
-CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
-ORIGINALS = (UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, *(f"{CLIP_DIR}/{f}" for f in CLIP_FILES))
+DTYPES = ("fp32", "fp16", "bf16")    # what a model folder may store
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model folder that is missing, unreadable or of the wrong layout."""
 
 
 def placement_help(src: Path) -> str:
     return (f"Place the original files like this and pass --src {src}:\n"
-            f"  {src}/{UVIT_FILE}            from https://huggingface.co/{HUB_REPO}\n"
-            f"  {src}/{CAPTION_FILE}     from https://huggingface.co/{HUB_REPO}\n"
-            f"  {src}/{AUTOENCODER_FILE}      from https://huggingface.co/{HUB_REPO}\n"
+            + "".join(f"  {src}/{f:<24} from https://huggingface.co/{HUB_REPO}\n"
+                      for f in HUB_FILES) +
             f"  {src}/{CLIP_DIR}/ {', '.join(CLIP_FILES)}\n"
             f"                                from https://huggingface.co/{CLIP_REPO}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def all_files(folder: Path) -> list[str]:
@@ -96,7 +89,7 @@ def read_manifest_json(model_dir: Path) -> dict:
     missing = [f for f in REQUIRED if f not in files]
     if missing:
         raise ValueError(f"{path}: lists no {few(missing)}; re-run convert_weights.py")
-    if not isinstance(m.get("random_weights"), bool) or m.get("dtype") not in ("fp32", "fp16", "bf16"):
+    if not isinstance(m.get("random_weights"), bool) or m.get("dtype") not in DTYPES:
         raise ValueError(f"{path}: \"random_weights\" must be true/false and \"dtype\" fp32/fp16/bf16; "
                          "re-run convert_weights.py")
     return m
@@ -193,3 +186,51 @@ def check_download_src(src: Path) -> None:
     if placed:
         raise ValueError(f"--src {src}: already holds {few(placed)}, not from an earlier --download; --download "
                          f"would replace them. Convert them with --src {src} (without --download), or give an empty folder")
+
+
+def check_config_types(cfg: ModelConfig, path: Path) -> None:
+    """Each field has its default's type (a hand-edited "1536" fails here, not deep in torch)."""
+    for net in (n.name for n in dataclasses.fields(cfg)):
+        sub = getattr(cfg, net)
+        for f in dataclasses.fields(sub):
+            v, d = getattr(sub, f.name), f.default
+            if isinstance(d, bool) or isinstance(d, str):
+                ok = type(v) is type(d)
+            elif isinstance(d, int):
+                ok = type(v) is int and v > 0
+            elif isinstance(d, float):
+                ok = type(v) in (int, float) and v > 0
+            else:   # tuple of positive ints
+                ok = isinstance(v, tuple) and len(v) > 0 and all(type(x) is int and x > 0 for x in v)
+            if not ok:
+                want = {bool: "true/false", str: "a string", int: "a positive integer",
+                        float: "a positive number"}.get(type(d), "a list of positive integers")
+                raise CheckpointError(f"{path}: {net}.{f.name} must be {want}, got {v!r}; "
+                                      "re-run convert_weights.py")
+
+
+def read_manifest(model_dir: Path) -> tuple[ModelConfig, dict]:
+    """config.json and manifest.json, checked for structure and types; no weights are read."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model folder not found (make one with convert_weights.py)")
+    try:
+        manifest = read_manifest_json(model_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    path = model_dir / "config.json"
+    try:
+        cfg = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: missing or unreadable ({e}); re-run convert_weights.py") from None
+    check_config_types(cfg, path)
+    return cfg, manifest
+
+
+def verify_small_files(model_dir: Path, manifest: dict) -> None:
+    """config.json and tokenizer/ against the manifest's sha256 (the networks are checked as
+    they load): a swapped id in vocab.json changes every image."""
+    try:
+        verify_files(model_dir, manifest, SMALL_FILES)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None

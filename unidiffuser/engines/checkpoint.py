@@ -21,25 +21,26 @@ from safetensors.torch import save_file
 
 from models.config import ModelConfig
 
-from . import checkpoints
-from .files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text
+from ..networks import NAMES, NETWORKS, build
+from ..weights.folders import CheckpointError, read_manifest
+from ..weights.loading import load_network
 
 FORMAT = 1
 DTYPE = "float16"
-ARCHITECTURES = {"text_encoder": "UnidiffuserCLIPTextEncoder", "uvit": "UnidiffuserUViT",
-                 "vae_decoder": "UnidiffuserVAEDecoder"}
+ARCHITECTURES = {n: NETWORKS[n].architecture for n in NAMES}
 WEIGHTS_FILE, CONFIG_FILE = "rank0.safetensors", "config.json"
 # The UViT MLP's activation as computed: exact (erf) GELU, F.gelu in models/uvit.py and
 # trt.ActivationType.GELU_ERF in models/trtllm/common.py. Not "gelu": in TensorRT-LLM's
 # functional.py, gelu() and ACT2FN["gelu"] are the tanh approximation.
 UVIT_HIDDEN_ACT = "gelu_erf"
-CONVERT_HINT = "make it with: python convert_weights.py ... --trtllm (or unidiffuser.trtllm_checkpoint.write_all)"
+CONVERT_HINT = "make it with: python convert_weights.py ... --trtllm (or unidiffuser.engines.checkpoint.write_all)"
 
 
 def expected_tensors(name: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a network's checkpoint: the reference torch module's parameters
     (buffers such as CLIP's position_ids are recomputed in the engine, never stored)."""
-    return {k: tuple(p.shape) for k, p in checkpoints.build(name, cfg).named_parameters()}
+    return {k: tuple(p.shape) for k, p in build(name, cfg).named_parameters()}
 
 
 def network_fields(name: str, cfg: ModelConfig) -> dict:
@@ -77,7 +78,7 @@ def checkpoint_config(name: str, cfg: ModelConfig, source_sha256: str) -> dict:
 def write_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, out: Path, verify: bool = True) -> Path:
     """One checkpoint folder, written beside its final place and renamed into it. verify=False
     skips the sha256 (for a folder whose files were hashed as they were written)."""
-    sd = checkpoints.load_network(model_dir, name, cfg, manifest, verify)   # sha256 + names + shapes checked
+    sd = load_network(model_dir, name, cfg, manifest, verify)   # sha256 + names + shapes checked
     want = expected_tensors(name, cfg)
     tensors = {k: sd[k].to(torch.float16).contiguous() for k in want}   # drops non-parameter buffers
     out = Path(out)
@@ -98,9 +99,9 @@ def write_network(model_dir: Path, name: str, cfg: ModelConfig, manifest: dict, 
 
 def write_all(model_dir: Path, out_root: Path | None = None, verify: bool = True) -> dict[str, Path]:
     model_dir = Path(model_dir)
-    cfg, manifest = checkpoints.read_manifest(model_dir)
+    cfg, manifest = read_manifest(model_dir)
     out_root = Path(out_root) if out_root is not None else model_dir / "trtllm"
-    return {n: write_network(model_dir, n, cfg, manifest, out_root / n, verify) for n in checkpoints.NETWORKS}
+    return {n: write_network(model_dir, n, cfg, manifest, out_root / n, verify) for n in NAMES}
 
 
 def read_checkpoint(ckpt_dir: Path, name: str) -> tuple[dict, Path]:
@@ -108,19 +109,19 @@ def read_checkpoint(ckpt_dir: Path, name: str) -> tuple[dict, Path]:
     this network and the weights file is there. Returns (config, weights path)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise checkpoints.CheckpointError(f"--checkpoint-dir {ckpt_dir}: not found; {CONVERT_HINT}")
+        raise CheckpointError(f"--checkpoint-dir {ckpt_dir}: not found; {CONVERT_HINT}")
     try:
         config = json.loads((ckpt_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise checkpoints.CheckpointError(f"{ckpt_dir}/{CONFIG_FILE}: missing or unreadable ({e}); {CONVERT_HINT}") from None
+        raise CheckpointError(f"{ckpt_dir}/{CONFIG_FILE}: missing or unreadable ({e}); {CONVERT_HINT}") from None
     if config.get("network") != name or config.get("architecture") != ARCHITECTURES[name]:
-        raise checkpoints.CheckpointError(
+        raise CheckpointError(
             f"{ckpt_dir}: a checkpoint of {config.get('network')!r} ({config.get('architecture')}), expected "
             f"{name!r} ({ARCHITECTURES[name]}); pass the {name} folder, MODEL/trtllm/{name}")
     if config.get("format") != FORMAT or config.get("dtype") != DTYPE or "model_config" not in config:
-        raise checkpoints.CheckpointError(f"{ckpt_dir}/{CONFIG_FILE}: format/dtype/model_config not as this "
+        raise CheckpointError(f"{ckpt_dir}/{CONFIG_FILE}: format/dtype/model_config not as this "
                                           f"version writes them; {CONVERT_HINT}")
     weights = ckpt_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise checkpoints.CheckpointError(f"{weights}: not found; {CONVERT_HINT}")
+        raise CheckpointError(f"{weights}: not found; {CONVERT_HINT}")
     return config, weights

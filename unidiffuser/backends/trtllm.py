@@ -10,7 +10,7 @@ context, because a context reconfigures its plugins whenever its shapes change, 
 must replay against the configuration it was captured with.
 
 tensorrt_llm is imported in TrtllmBackend.__init__ only: the engine-folder contract checks
-(engine_build.check_engine_config) run, and are tested, without it.
+(engine_folder.py) run, and are tested, without it.
 """
 from __future__ import annotations
 
@@ -22,33 +22,9 @@ import torch
 
 from models.config import ModelConfig
 
-from .engine_build import (NO_TRTLLM, SCRIPTS, EngineError, check_engine_config, check_source,
-                           read_engine_config)
-from .folders import NETWORKS
+from .engine_folder import NO_TRTLLM, SCRIPTS, EngineError, check_engine_config, check_engines
 
 log = logging.getLogger("unidiffuser")
-
-
-def check_engines(engine_dir: Path, cfg: ModelConfig, manifest: dict, dtype: torch.dtype) -> dict[str, dict]:
-    """All three engine folders exist and were built for this model and dtype (batch and image
-    size are checked per call, against the same configs)."""
-    if dtype != torch.float16:
-        raise EngineError(f"--backend trtllm runs fp16 engines; pass --dtype fp16 (got {dtype})")
-    configs = {}
-    for net in ("text_encoder", "uvit", "vae_decoder"):
-        c = read_engine_config(engine_dir, net)
-        check_engine_config(c, net, cfg, "float16", where=str(Path(engine_dir) / net))
-        check_source(c, net, manifest)
-        configs[net] = c
-    return configs
-
-
-def check_engine_files(engine_dir: Path) -> None:
-    """The three engine files and their config.json are there (no model config, CUDA or
-    TensorRT needed): run.py calls this before its device checks, so a missing engine is
-    reported, with the script that builds it, on any machine."""
-    for net in NETWORKS:
-        read_engine_config(engine_dir, net)
 
 
 def replay_matches(graph_out: dict[str, torch.Tensor], eager_out: dict[str, torch.Tensor], tol: float = 1e-3) -> bool:

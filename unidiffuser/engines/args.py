@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .limits import MAX_BATCH, MAX_SIDE, check_side
-
-NO_TRTLLM = "tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md"
+from ..limits import MAX_BATCH, MAX_SIDE, check_side
 
 
 def parse_args(net: str, argv=None, sizes: bool = False, plugin: bool = False):

@@ -1,0 +1,82 @@
+"""Writing the converted model folder: complete under a temporary name, then swapped in."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from models.config import ModelConfig
+
+from .. import tokenizer
+from ..files import atomic_write, atomic_write_text, current_umask, write_failure
+from ..networks import NETWORKS
+from . import folders
+from .folders import sha256
+from .loading import DTYPES
+
+
+def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[str, torch.Tensor], str]],
+                    dtype: str, tokenizer_src: Path | None, random: bool, overwrite: bool = False,
+                    src: Path | None = None, extra=None) -> Path:
+    """Write the folder complete under a temporary name beside `out` (extra(tmp) adds to it),
+    then swap it in: the old folder (one convert_weights.py wrote, folders.check_out) is renamed
+    aside, the new one renamed in, then the old one deleted. Never half-written; a full disk is
+    a clear error and leaves the old folder as it was."""
+    out = Path(out)
+    folders.check_out(out, overwrite, src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        files = {}
+        for name, (sd, source) in networks.items():
+            path = tmp / NETWORKS[name].file
+            tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+            atomic_write(path, partial(save_file, tensors, metadata={"source": source, "dtype": dtype}))
+            files[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size, "dtype": dtype, "source": source}
+        tok_dir = tmp / "tokenizer"
+        if tokenizer_src is not None and all((Path(tokenizer_src) / f).is_file() for f in tokenizer.TOKENIZER_FILES):
+            tok_dir.mkdir()
+            for f in tokenizer.TOKENIZER_FILES:
+                try:
+                    shutil.copyfile(Path(tokenizer_src) / f, tok_dir / f)
+                except OSError as e:
+                    raise write_failure(tok_dir / f, e) from e
+        else:
+            tokenizer.write_tokenizer_files(tok_dir)
+        atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        for name in folders.SMALL_FILES:
+            files[name] = {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest = {"format": folders.MARKER, "version": folders.VERSION, "random_weights": random,
+                    "dtype": dtype, "files": files}
+        atomic_write_text(tmp / folders.MANIFEST, json.dumps(manifest, indent=2))
+        if extra is not None:
+            extra(tmp)
+        swap_in(tmp, out, overwrite, src)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def swap_in(tmp: Path, out: Path, overwrite: bool, src: Path | None) -> None:
+    folders.check_out(out, overwrite, src)   # again: the folder may have changed while converting
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)                 # a missing or empty folder: one rename
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old)
+
+

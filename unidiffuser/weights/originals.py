@@ -1,0 +1,146 @@
+"""Reading the original UniDiffuser-v1 files (SRC, laid out as folders.placement_help says) into
+the state dicts of the networks, strictly: each network's parts (networks.py) must give exactly
+its module's names and shapes. Checkpoints are loaded with `torch.load(weights_only=True)` (no
+pickled code runs) or safetensors; --download fetches them with huggingface_hub.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from models.config import ModelConfig
+
+from ..networks import CLIP_DIR, CLIP_FILES, CLIP_REPO, HUB_FILES, HUB_REPO, NAMES, NETWORKS, ORIGINALS, Part, build
+from .folders import RANDOM_MARK, CheckpointError, placement_help
+from .loading import check_state_dict
+
+log = logging.getLogger("unidiffuser")
+
+MODEL_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # a transformers folder's, either format
+
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+    except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    return sd
+
+
+def load_safetensors(path: Path, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose names start with one of prefixes (only those are
+    read; every tensor without prefixes)."""
+    from safetensors import SafetensorError, safe_open
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if not prefixes or k.startswith(prefixes)}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def part_tensors(src: Path, part: Part) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors `part` takes from its file under src, and the file they were read from."""
+    path = Path(src) / part.file
+    if part.file.endswith("/"):    # a transformers folder: its weights in either format
+        path = next((path / f for f in MODEL_FOLDER_WEIGHTS if (path / f).is_file()), None)
+        if path is None:
+            raise CheckpointError(f"{Path(src) / part.file}: no {' or '.join(MODEL_FOLDER_WEIGHTS)}")
+    if path.suffix == ".safetensors":   # only the kept names are read (CLIP's other tower is not needed)
+        sd = load_safetensors(path, prefixes=tuple(p for k in part.keep for p in {k, part.strip + k}))
+    else:
+        sd = load_torch_file(path)
+    return part.select(sd), path
+
+
+def read_network(src: Path, name: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """One network's state dict from the original files, checked against its module."""
+    net, sd, read = NETWORKS[name], {}, []
+    for part in net.parts:
+        tensors, path = part_tensors(src, part)
+        sd.update(tensors)
+        read.append(str(path))
+    check_state_dict(build(name, cfg, device="meta"), sd, " + ".join(read), net.mismatch_hint)
+    return sd
+
+
+def read_originals(src: Path, cfg: ModelConfig) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    """Every network: (state dict, where it came from for the manifest)."""
+    return {name: (read_network(src, name, cfg), NETWORKS[name].source) for name in NAMES}
+
+
+def missing_originals(src: Path) -> list[str]:
+    src, missing = Path(src), []
+    for part in dict.fromkeys(p for n in NAMES for p in NETWORKS[n].parts):
+        path = src / part.file
+        if part.file.endswith("/"):
+            if not (path / "config.json").is_file():
+                missing.append(str(path / "config.json"))
+            if not any((path / f).is_file() for f in MODEL_FOLDER_WEIGHTS):
+                missing.append(str(path / MODEL_FOLDER_WEIGHTS[0]))
+        elif not path.is_file():
+            missing.append(str(path))
+    return list(dict.fromkeys(missing))
+
+
+def download_originals(src: Path) -> Path:
+    """Fetch the original files into src with huggingface_hub; offline, say what to place where.
+    On failure, what the attempt created (src itself, huggingface_hub's .cache/) is removed."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    src = Path(src)
+    clip = src / CLIP_DIR
+    created = [p for p in (src, src / ".cache", clip, clip / ".cache", *(src / f for f in ORIGINALS))
+               if not p.exists()]
+    # huggingface_hub logs through its own handler and also propagates to ours: every retry
+    # line would print twice.
+    hub_log = logging.getLogger("huggingface_hub")
+    propagate, hub_log.propagate = hub_log.propagate, False
+    try:
+        for f in HUB_FILES:
+            hf_hub_download(HUB_REPO, f, local_dir=src)
+        snapshot_download(CLIP_REPO, local_dir=clip,
+                          allow_patterns=list(CLIP_FILES))
+    except Exception as e:
+        for p in created:   # outermost first: removing src removes the rest
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+        raise CheckpointError(f"could not download the original weights ({type(e).__name__}: {e}).\n"
+                              + placement_help(src) + "\nTo try the tool without weights: "
+                              "python convert_weights.py --random tiny --out tiny") from None
+    finally:
+        hub_log.propagate = propagate
+    (src / RANDOM_MARK).unlink(missing_ok=True)   # random files it held are replaced now
+    return src
+
+
+def clip_config_matches(clip_dir: Path, cfg: ModelConfig) -> None:
+    path = Path(clip_dir) / "config.json"
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+    c = c.get("text_config", c)   # a CLIPModel config nests the text tower's fields
+    want = cfg.text_encoder.clip_fields()
+    diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
+    if diff:
+        raise CheckpointError(f"{path}: text config differs from the preset: "
+                              + ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items()))
