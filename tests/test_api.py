@@ -298,3 +298,23 @@ def test_warm_up_thread_runs_the_fast_kernels_without_error(caplog, monkeypatch)
         thread.join(timeout=120)
     assert not thread.is_alive()
     assert not [r for r in caplog.records if "warm-up thread" in r.getMessage()]
+
+
+def test_guidance_that_overflows_is_refused_not_written(pipe, tmp_path):
+    """A huge finite scale overflows inside sampling; the clamp would make a black PNG of it."""
+    with pytest.raises(ValueError, match=r"non-finite values \(inf/NaN\) with scale 1e\+30.*smaller scale"):
+        pipe("x", scale=1e30, steps=3)
+    out = pipe("x", scale=7.0, steps=3)                   # the pipeline is fine afterwards
+    assert pixels(out.images[0]).std() > 0
+
+
+def test_save_is_all_or_nothing(pipe, tmp_path):
+    """One existing name refuses the whole call: no image of it is written."""
+    out = pipe("a fox", n=3, steps=2)
+    taken = tmp_path / f"a-fox_seed{out.seeds[2]}.png"
+    taken.write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError, match=taken.name):
+        out.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name]
+    assert taken.read_bytes() == b"the user's own file"
+    assert len(out.save(tmp_path, overwrite=True)) == 3 and len(list(tmp_path.glob("*.json"))) == 3

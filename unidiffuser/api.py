@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 
 from . import limits, options
-from .files import image_name, write_image_pair
+from .files import image_name, write_outputs
 from .pipeline import Request, Text2Image
 
 log = logging.getLogger("unidiffuser")
@@ -39,17 +39,17 @@ class Generation:
     def save(self, folder: str | Path, overwrite: bool = False, extra: dict | None = None) -> list[Path]:
         """Write each image as PROMPT-SLUG_seedN.png with a JSON sidecar (prompt, seed, settings, the
         timings of its batch, the PNG's sha256, and `extra`) into folder; returns the PNG paths.
-        Each PNG and its sidecar are published together, whole or not at all; an existing image
-        is replaced only with overwrite=True (else FileExistsError names it)."""
+        All of them are published together, whole or not at all; an existing image is replaced
+        only with overwrite=True (else FileExistsError names it and nothing is written)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = []
+        items = []
         for img, prompt, seed, t in zip(self.images, self.prompts, self.seeds, self._batch_timings):
-            png = folder / image_name(prompt, seed)
             sidecar = {"prompt": prompt, "seed": seed, **self.settings, **(extra or {}),
                        "time_per_stage_s": {k: round(v, 4) for k, v in t.items()}}
-            write_image_pair(png, lambda p, img=img: img.save(p, format="PNG"), sidecar, overwrite)
-            paths.append(png)
+            items.append((folder / image_name(prompt, seed), lambda p, img=img: img.save(p, format="PNG"), sidecar))
+        write_outputs(items, overwrite)
+        paths = [png for png, _, _ in items]
         return paths
 
 

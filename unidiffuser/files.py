@@ -124,16 +124,21 @@ def image_name(prompt: str, seed: int, n: int = 48) -> str:
     return f"{slug}_seed{seed}.png"
 
 
-def write_image_pair(png: Path, save_png: Callable[[str], None], sidecar: dict, overwrite: bool) -> None:
-    """A PNG and its JSON sidecar (strict JSON, with the PNG's sha256), written under temporary names
-    and renamed together under a lock on the folder: a pair always comes from one run, even with
-    concurrent runs, and an existing image is replaced only with overwrite."""
-    tmp_png = temp_beside(png, save_png)
+def write_outputs(items: list[tuple[Path, Callable[[str], None], dict]], overwrite: bool) -> None:
+    """Each (PNG path, writer, sidecar): the PNG and its JSON sidecar (strict JSON, with the PNG's
+    sha256), all written under temporary names first and then renamed together under a lock on
+    the folder: one call's files all come from one run, are all published or none are (an
+    existing name without overwrite refuses the whole call), even with concurrent runs."""
+    pairs: list[tuple[Path, Path]] = []
     try:
-        sidecar = {**sidecar, "png_sha256": sha256(tmp_png)}
-        text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"
-        tmp_json = temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"))
+        for png, save_png, sidecar in items:
+            tmp_png = temp_beside(png, save_png)
+            pairs.append((tmp_png, png))
+            text = json.dumps({**sidecar, "png_sha256": sha256(tmp_png)}, indent=2, allow_nan=False) + "\n"
+            pairs.append((temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8")),
+                          png.with_suffix(".json")))
     except BaseException:
-        tmp_png.unlink()
+        for tmp, _ in pairs:
+            tmp.unlink(missing_ok=True)
         raise
-    publish_together([(tmp_png, png), (tmp_json, png.with_suffix(".json"))], overwrite)
+    publish_together(pairs, overwrite)

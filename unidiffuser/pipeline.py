@@ -168,6 +168,7 @@ class Text2Image:
         with self._timed(timings, "decode_s"):
             z = x[:, :z[0].numel()].reshape(z.shape)
             img = self.backend.decode(z.to(self.dtype)).float()
+            check_finite(x, img, req.scale)
             images = to_uint8(img)
         return Result(images, timings)
 
@@ -231,6 +232,15 @@ class _GraphedNoise:
             return self.out
 
         return fn
+
+
+def check_finite(x: torch.Tensor, img: torch.Tensor, scale: float) -> None:
+    """Non-finite values anywhere in sampling reach the final state and the image (inf and NaN
+    propagate; the clamp to [0, 255] would turn them into black or white pixels): one check at
+    the end, one host sync, none per step."""
+    if not bool(torch.isfinite(x).all() & torch.isfinite(img).all()):
+        raise limits.InputError("scale", "sampling gave non-finite values (inf/NaN) with {scale} {0}: the "
+                                "guidance overflowed; use a smaller {scale} (the original uses 7)", scale)
 
 
 def on_device(device: torch.device):
