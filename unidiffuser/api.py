@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from . import limits, options
 from .files import image_name, write_outputs
-from .pipeline import Request, Text2Image
+from .pipeline import Pipeline, Request
 
 log = logging.getLogger("unidiffuser")
 
@@ -56,7 +56,7 @@ class Generation:
 class UniDiffuser:
     """A converted model folder loaded once (see `load`); call it with prompts to get images."""
 
-    def __init__(self, pipeline: Text2Image, model_dir: Path, backend: str, precision: str):
+    def __init__(self, pipeline: Pipeline, model_dir: Path, backend: str, precision: str):
         self.pipeline, self.model_dir, self.backend = pipeline, Path(model_dir), backend
         self.precision = precision      # what the sidecar calls it: fp32, fp16, bf16, fp8
         self._lock = threading.Lock()
@@ -76,7 +76,7 @@ class UniDiffuser:
     @classmethod
     def from_options(cls, model_dir: str | Path, opts: options.Options, cfg_pair=None) -> "UniDiffuser":
         """Load with options already resolved (options.resolve)."""
-        pipe = cls(Text2Image.from_dir(model_dir, opts, cfg_pair), Path(model_dir), opts.backend, opts.precision)
+        pipe = cls(Pipeline.from_dir(model_dir, opts, cfg_pair), Path(model_dir), opts.backend, opts.precision)
         if opts.dtype == "fp32" and pipe.weights_dtype not in (None, "fp32"):
             log.warning("fp32 on %s weights is not the fp32 reference (they were rounded at conversion); "
                         "the reference needs a folder made by convert_weights.py --dtype fp32", pipe.weights_dtype)

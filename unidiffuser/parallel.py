@@ -25,9 +25,9 @@ World size 1 (no torchrun) is the single process: no process group, no exchange.
 Use (as run.py does; the Python API the same way):
 
     layout = parallel.init_from_env("cuda", cfg=scale != 0)     # once per process
-    pipe = Text2Image.from_dir(model_dir, layout.device, "fp16", cfg_pair=layout.cfg_pair)
+    pipe = UniDiffuser.from_options(model_dir, options.resolve(str(layout.device)), cfg_pair=layout.cfg_pair)
     for batch in layout.batches(images, n_samples):              # both ranks of a pair: the same
-        result = pipe(Request(...batch...))
+        out = pipe(...batch...)
         if layout.writer: ...write the batch's images...
     layout.close()
 """

@@ -72,9 +72,9 @@ class TorchBackend:
         return self.text_encoder(input_ids)
 
     def uvit(self, z, clip_img, text, t_img, t_text, data_type):
+        """(z_out, clip_img_out, text_out): the noise predicted in each stream."""
         with sdpa_kernel(FAST_SDPA, set_priority=True) if self.fast else nullcontext():
-            z_out, clip_img_out, _ = self._uvit(z, clip_img, text, t_img, t_text, data_type)
-        return z_out, clip_img_out
+            return self._uvit(z, clip_img, text, t_img, t_text, data_type)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         # No cuDNN autotuning (cudnn.benchmark): on an H200 a fresh process's first decode took

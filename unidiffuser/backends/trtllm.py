@@ -193,8 +193,9 @@ class TrtllmBackend:
                   "t_img": t_img.float(), "t_text": t_text.float(), "data_type": data_type.to(torch.int32)}
         engine = self.engines["uvit"]
         out = engine.graphed(inputs) if self.cuda_graphs else engine(inputs)
-        # Graph outputs are static buffers, overwritten by the next call: hand out copies.
-        return out["img_out"].clone(), out["clip_img_out"].clone()
+        # Graph outputs are static buffers, overwritten by the next call: hand out copies. The
+        # engine has no text output: it serves text-to-image, whose state is the image stream.
+        return out["img_out"].clone(), out["clip_img_out"].clone(), None
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         self._check("vae_decoder", z.shape[0], tuple(z.shape[2:]))
