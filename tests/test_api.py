@@ -85,7 +85,7 @@ def test_same_pixels_as_run_py(pipe, model, tmp_path):
     (dict(prompt="x", n=0), "n must be in 1..4096, got 0"),
     (dict(prompt="x", height=40), "height must be a positive multiple of 16"),
     (dict(prompt="x", steps=0), "steps must be in 1..1000"),
-    (dict(prompt=["x", "y"], seeds=[1]), "one per image"),
+    (dict(prompt=["x", "y"], seeds=[1]), "one per sample"),
     (dict(prompt="x", scale=float("nan")), "scale must be a finite number"),
     (dict(prompt="x", seed=2**64 - 1, n=2), r"seed: every image's seed must be an integer in \[0, 2\*\*64\)"),
     (dict(prompt="x", seeds=[-1]), "seeds: every image's seed"),

@@ -118,25 +118,44 @@ def temp_beside(path: Path, write: Callable[[str], None]) -> Path:
     return Path(tmp)
 
 
-def image_name(prompt: str, seed: int, n: int = 48) -> str:
-    """What an image is called, in run.py's output and the API's save(): PROMPT-SLUG_seedN.png."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:n].rstrip("-") or "prompt"
-    return f"{slug}_seed{seed}.png"
+def slug(text: str, n: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-")
 
 
-def write_outputs(items: list[tuple[Path, Callable[[str], None], dict]], overwrite: bool) -> None:
-    """Each (PNG path, writer, sidecar): the PNG and its JSON sidecar (strict JSON, with the PNG's
-    sha256), all written under temporary names first and then renamed together under a lock on
-    the folder: one call's files all come from one run, are all published or none are (an
-    existing name without overwrite refuses the whole call), even with concurrent runs."""
+def image_name(prompt: str, seed: int) -> str:
+    """What a text-to-image result is called, in run.py's output and the API's save(): PROMPT-SLUG_seedN.png."""
+    return f"{output_stem('t2i', prompt, seed)}.png"
+
+
+def output_stem(task: str, source, seed: int) -> str:
+    """The name of a sample's files (without suffix), from its input and seed: a prompt's slug, an
+    image file's stem, or the task; other tasks than t2i say which: PROMPT-SLUG_seedN (t2i),
+    PHOTO_i2t_seedN, joint_seedN."""
+    if isinstance(source, str):
+        name = slug(source) or "prompt"
+    elif isinstance(source, dict):          # an input image's record (images.InputImage.describe)
+        name = slug(Path(source["name"]).stem) or "image"
+    else:
+        name = ""
+    return "_".join(filter(None, [name, None if task == "t2i" else task, f"seed{seed}"]))
+
+
+def write_outputs(items: list[tuple[Path, list[tuple[Path, Callable[[str], None]]], dict]], overwrite: bool) -> None:
+    """Each (sidecar path, [(path, writer), ...], sidecar): a sample's files and its JSON sidecar
+    (strict JSON, with each file's sha256 as "<suffix>_sha256"), all written under temporary names
+    first and then renamed together under a lock on the folder: one call's files all come from one
+    run, are all published or none are (an existing name without overwrite refuses the whole call),
+    even with concurrent runs."""
     pairs: list[tuple[Path, Path]] = []
     try:
-        for png, save_png, sidecar in items:
-            tmp_png = temp_beside(png, save_png)
-            pairs.append((tmp_png, png))
-            text = json.dumps({**sidecar, "png_sha256": sha256(tmp_png)}, indent=2, allow_nan=False) + "\n"
-            pairs.append((temp_beside(png.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8")),
-                          png.with_suffix(".json")))
+        for json_path, files, sidecar in items:
+            hashes = {}
+            for path, write in files:
+                tmp = temp_beside(path, write)
+                pairs.append((tmp, path))
+                hashes[f"{path.suffix[1:]}_sha256"] = sha256(tmp)
+            text = json.dumps({**sidecar, **hashes}, indent=2, allow_nan=False) + "\n"
+            pairs.append((temp_beside(json_path, lambda p: Path(p).write_text(text, encoding="utf-8")), json_path))
     except BaseException:
         for tmp, _ in pairs:
             tmp.unlink(missing_ok=True)
