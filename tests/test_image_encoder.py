@@ -250,9 +250,18 @@ def test_preprocess_batch_and_modes():
 # --------------------------------------------------------------------------------------------
 # GPU
 
+
+@pytest.fixture
+def real_fp32():
+    """The fp32 references on CUDA without TF32 (cuDNN's convolutions default to it)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
 @pytest.mark.gpu
 @torch.no_grad()
-def test_fp16_cuda_matches_fp32():
+def test_fp16_cuda_matches_fp32(real_fp32):
     """v1 size on CUDA: fp16 against fp32 embeddings (the original runs CLIP in fp16 on CUDA)."""
     ref = make_encoder(V1).cuda()
     half = make_encoder(V1).cuda().half()

@@ -190,10 +190,19 @@ def test_random_weights_are_healthy():
 # --------------------------------------------------------------------------------------------
 # GPU
 
+
+@pytest.fixture
+def real_fp32():
+    """The fp32 references on CUDA without TF32 (cuDNN's convolutions default to it)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-groupnorm", "plugin-groupnorm"])
 @torch.no_grad()
-def test_fp16_cuda_matches_fp32(fused):
+def test_fp16_cuda_matches_fp32(fused, real_fp32):
     """v1 structure at 256 x 256 on CUDA: fp16 (optionally with the plugin's fused GroupNorm,
     as the decoder's fast path) against fp32. Reports rel / max-abs error of the moments and of
     the sampled latent."""
