@@ -4,8 +4,9 @@ a prefix -> beam search -> token ids of one caption per item.
 
 GPT-2 (Radford et al. 2019, the "gpt2" checkpoint fine-tuned by the UniDiffuser authors, with one
 added token '<|EOS|>' = 50257 that ends a caption) is written out here, with a static-shape KV
-cache, instead of running transformers: the original recomputes the whole sequence for every
-new token, ~20x the work at 67 tokens. Parameter names are those of `caption_decoder.pth` without
+cache, instead of running transformers: the original recomputes all positions of all 5 beams
+for every token (~36 500 token positions for 67 tokens, ~400 with the cache). The original runs
+it in fp32. Parameter names are those of `caption_decoder.pth` without
 DataParallel's `module.` prefix: `decode_prefix.*`, `gpt.transformer.*` (Conv1D weights stored
 [in, out]), `gpt.lm_head.weight` (tied to `wte`, as in GPT-2). The file's `encode_prefix.*`
 belongs to models/text_encoder.py; `original_state_dict` picks this module's part.
@@ -187,9 +188,11 @@ class CaptionDecoder(nn.Module):
         self.decode_prefix = nn.Linear(cfg.prefix_dim, cfg.n_embd)
         self.gpt = GPT2LMHead(cfg)
         self._graphs: dict = {}
+        # Captured graphs read the parameters' memory: forget them when the parameters may have
+        # moved (.to / .half / .cuda, or a load with assign=True).
+        self.register_load_state_dict_post_hook(lambda module, keys: module._graphs.clear())
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .half() / .cuda() move the parameters the captured graphs read: forget them.
         self._graphs = {}
         return super()._apply(fn, *args, **kwargs)
 
@@ -353,8 +356,7 @@ def random_original(cfg: CaptionDecoderConfig, generator: torch.Generator) -> di
     """Random weights in `caption_decoder.pth`'s layout minus `module.encode_prefix.*` (the text
     encoder's random weights provide it): `module.decode_prefix.*`, `module.gpt.transformer.*`
     with transformers 4.23's attention buffers, and the tied `module.gpt.lm_head.weight` (a copy)."""
-    with torch.device("cpu"):
-        model = randomize_(CaptionDecoder(cfg), generator, fan_in_first=is_conv1d_weight)
+    model = randomize_(CaptionDecoder(cfg), generator, fan_in_first=is_conv1d_weight)
     out = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
     n = cfg.n_positions
     mask = torch.ones(n, n, dtype=torch.uint8).tril().view(1, 1, n, n)

@@ -1,6 +1,7 @@
 """CLIP ViT-B/32 image tower with its projection: OpenAI CLIP's `encode_image`, which the original
 (sample_multi_v1.py, `clip.load("ViT-B/32")`) uses for the image-conditioned modes'
-CLIP-image token: image [B, 3, 224, 224] -> [B, projection_dim] (512, not normalised).
+CLIP-image token: image [B, 3, 224, 224] -> [B, projection_dim] (512, not normalised). On CUDA
+the original runs it in fp16 (clip.load keeps the fp16 weights there).
 
 Parameter names are transformers' CLIPVisionModelWithProjection's (`vision_model.*`,
 `visual_projection.weight`), as in the hub repo openai/clip-vit-base-patch32, the same weights
@@ -130,5 +131,4 @@ def original_state_dict(clip: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def random_original(cfg: ImageEncoderConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random weights under transformers' names (`vision_model.*`, `visual_projection.weight`)."""
-    with torch.device("cpu"):
-        return randomize_(ImageEncoder(cfg), generator).state_dict()
+    return randomize_(ImageEncoder(cfg), generator).state_dict()

@@ -4,7 +4,8 @@
 image x [B, 3, H, W] in [-1, 1] -> moments [B, 2*embed_dim, ~H/8, ~W/8] (mean | log-variance)
 -> scaled latent z = scale_factor * (mean + std * noise). The noise is the caller's: the
 original draws `randn_like(mean)` on the GPU; the pipeline draws it per image from a CPU
-generator so results do not depend on the device or the batch.
+generator so results do not depend on the device or the batch. The original runs this in fp32
+(`encode_moments` is called outside autocast).
 
 Parameter names equal `autoencoder_kl.pth`'s `encoder.*` and `quant_conv.*`, so that file's
 keys with those prefixes load strictly. The building blocks are the decoder's
@@ -105,5 +106,4 @@ def original_state_dict(autoencoder: dict[str, torch.Tensor]) -> dict[str, torch
 def random_original(cfg: VAEDecoderConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random weights under `autoencoder_kl.pth`'s `encoder.*` / `quant_conv.*` names (healthy
     activations: see models/random_weights.py)."""
-    with torch.device("cpu"):
-        return randomize_(VAEEncoder(cfg), generator).state_dict()
+    return randomize_(VAEEncoder(cfg), generator).state_dict()
