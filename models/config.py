@@ -109,3 +109,62 @@ PRESETS: dict[str, ModelConfig] = {
         vae_decoder=VAEDecoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
     ),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks of the image-to-text and joint modes. The KL-f8 encoder needs no class of its own:
+# `VAEDecoderConfig` describes the whole autoencoder (ch, ch_mult, num_res_blocks, z_channels,
+# embed_dim; out_ch is the image's channels; the original always has double_z=True), so
+# models/vae_encoder.py takes the same `ModelConfig.vae_decoder`.
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    # transformers.CLIPVisionConfig fields of openai/clip-vit-base-patch32 (the original's
+    # clip.load("ViT-B/32") image tower): image_size / patch_size patches plus the class token.
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512     # = UViTConfig.clip_img_dim
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class CaptionDecoderConfig:
+    # decode_prefix: Linear(prefix_dim -> n_embd), then GPT-2 on the 77 prefix embeddings
+    prefix_dim: int = 64          # = TextEncoderConfig.prefix_dim = UViTConfig.text_dim
+    prefix_length: int = 77
+    # GPT-2 124M ("gpt2") with the caption decoder's added '<|EOS|>' token (id 50257)
+    vocab_size: int = 50258
+    eos_token_id: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    # generate_beam's defaults in libs/caption_decoder.py
+    beam_size: int = 5
+    max_new_tokens: int = 67
+
+
+# v1 and tiny for the two networks above, keyed like PRESETS. The tiny ones match PRESETS["tiny"]
+# where they meet it (projection_dim = clip_img_dim 16, prefix_dim = text_dim 8); the tiny caption
+# decoder keeps the full GPT-2 vocabulary so its ids stay valid for the real tokenizer.
+IMAGE_ENCODER_PRESETS: dict[str, ImageEncoderConfig] = {
+    "v1": ImageEncoderConfig(),
+    "tiny": ImageEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, projection_dim=16),
+}
+CAPTION_DECODER_PRESETS: dict[str, CaptionDecoderConfig] = {
+    "v1": CaptionDecoderConfig(),
+    "tiny": CaptionDecoderConfig(prefix_dim=8, n_embd=32, n_layer=2, n_head=2, n_positions=256),
+}
