@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--src {args.src}: folder not found\n" + folders.placement_help(src))
 
     # torch, transformers: after the checks above
-    from unidiffuser.networks import CLIP_DIR
+    from unidiffuser.networks import CLIP_DIR, GPT2_DIR
     from unidiffuser.weights import convert, originals, random_weights
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         if missing:
             raise folders.CheckpointError("missing original files: " + ", ".join(missing) + "\n"
                                               + folders.placement_help(src))
-        originals.clip_config_matches(src / CLIP_DIR, cfg)
+        originals.clip_config_matches(src, cfg)
         log.info("reading %s", src)
         networks = originals.read_originals(src, cfg)
         random = args.random is not None or (src / folders.RANDOM_MARK).is_file()
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             from unidiffuser.engines import checkpoint
             # Into the new folder before it is swapped in; its files were hashed as they were written.
             extra = partial(checkpoint.write_all, verify=False)
-        out = convert.write_converted(args.out, cfg, networks, args.dtype, src / CLIP_DIR,
+        out = convert.write_converted(args.out, cfg, networks, args.dtype, src / CLIP_DIR, caption_tokenizer_src=src / GPT2_DIR,
                                           random=random, overwrite=args.overwrite,
                                           src=None if args.random and args.src is None else src, extra=extra)
     if args.trtllm:

@@ -76,46 +76,9 @@ class VAEDecoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    uvit: UViTConfig = field(default_factory=UViTConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    vae_decoder: VAEDecoderConfig = field(default_factory=VAEDecoderConfig)
-
-    @property
-    def default_size(self) -> int:
-        """Image side (pixels) at which the UViT needs no positional-embedding interpolation."""
-        return self.uvit.img_size * self.vae_decoder.downsample
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        try:
-            vae = dict(d["vae_decoder"])
-            vae["ch_mult"] = tuple(vae["ch_mult"])
-            return cls(UViTConfig(**d["uvit"]), TextEncoderConfig(**d["text_encoder"]), VAEDecoderConfig(**vae))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"model config is missing or has unknown fields: {e}") from None
-
-
-PRESETS: dict[str, ModelConfig] = {
-    "v1": ModelConfig(),
-    "tiny": ModelConfig(
-        uvit=UViTConfig(img_size=16, embed_dim=32, depth=4, num_heads=2, text_dim=8, clip_img_dim=16),
-        text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, prefix_dim=8),
-        vae_decoder=VAEDecoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-    ),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# The networks of the image-to-text and joint modes. The KL-f8 encoder needs no class of its own:
-# `VAEDecoderConfig` describes the whole autoencoder (ch, ch_mult, num_res_blocks, z_channels,
-# embed_dim; out_ch is the image's channels; the original always has double_z=True), so
-# models/vae_encoder.py takes the same `ModelConfig.vae_decoder`.
+# The KL-f8 encoder (models/vae_encoder.py) needs no config of its own: `VAEDecoderConfig`
+# describes the whole autoencoder (ch, ch_mult, num_res_blocks, z_channels, embed_dim; out_ch is
+# the image's channels; the original always has double_z=True).
 
 
 @dataclass(frozen=True)
@@ -137,6 +100,10 @@ class ImageEncoderConfig:
     def num_positions(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1
 
+    def clip_fields(self) -> dict:
+        """The fields transformers' CLIPVisionConfig has under the same names."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "projection_dim"}
+
 
 @dataclass(frozen=True)
 class CaptionDecoderConfig:
@@ -156,15 +123,47 @@ class CaptionDecoderConfig:
     max_new_tokens: int = 67
 
 
-# v1 and tiny for the two networks above, keyed like PRESETS. The tiny ones match PRESETS["tiny"]
-# where they meet it (projection_dim = clip_img_dim 16, prefix_dim = text_dim 8); the tiny caption
-# decoder keeps the full GPT-2 vocabulary so its ids stay valid for the real tokenizer.
-IMAGE_ENCODER_PRESETS: dict[str, ImageEncoderConfig] = {
-    "v1": ImageEncoderConfig(),
-    "tiny": ImageEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, projection_dim=16),
-}
-CAPTION_DECODER_PRESETS: dict[str, CaptionDecoderConfig] = {
-    "v1": CaptionDecoderConfig(),
-    "tiny": CaptionDecoderConfig(prefix_dim=8, n_embd=32, n_layer=2, n_head=2, n_positions=256),
+@dataclass(frozen=True)
+class ModelConfig:
+    uvit: UViTConfig = field(default_factory=UViTConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae_decoder: VAEDecoderConfig = field(default_factory=VAEDecoderConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    caption_decoder: CaptionDecoderConfig = field(default_factory=CaptionDecoderConfig)
+
+    @property
+    def default_size(self) -> int:
+        """Image side (pixels) at which the UViT needs no positional-embedding interpolation."""
+        return self.uvit.img_size * self.vae_decoder.downsample
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        try:
+            vae = dict(d["vae_decoder"])
+            vae["ch_mult"] = tuple(vae["ch_mult"])
+            # A folder converted for text-to-image only has no image_encoder / caption_decoder:
+            # the defaults stand in (those networks are not in that folder either).
+            return cls(UViTConfig(**d["uvit"]), TextEncoderConfig(**d["text_encoder"]), VAEDecoderConfig(**vae),
+                       ImageEncoderConfig(**d.get("image_encoder", {})),
+                       CaptionDecoderConfig(**d.get("caption_decoder", {})))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"model config is missing or has unknown fields: {e}") from None
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "v1": ModelConfig(),
+    "tiny": ModelConfig(
+        uvit=UViTConfig(img_size=16, embed_dim=32, depth=4, num_heads=2, text_dim=8, clip_img_dim=16),
+        text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, prefix_dim=8),
+        vae_decoder=VAEDecoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        # projection_dim = the UViT's clip_img_dim, prefix_dim = its text_dim; the caption decoder
+        # keeps the full GPT-2 vocabulary so that its ids stay valid for the real tokenizer.
+        image_encoder=ImageEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, projection_dim=16),
+        caption_decoder=CaptionDecoderConfig(prefix_dim=8, n_embd=32, n_layer=2, n_head=2, n_positions=256),
+    ),
 }

@@ -33,10 +33,10 @@ import torch
 
 from models.caption_decoder import (CaptionDecoder, clean_up_tokenization, decode_captions, original_state_dict,
                                     random_original)
-from models.config import CAPTION_DECODER_PRESETS, CaptionDecoderConfig
+from models.config import PRESETS, CaptionDecoderConfig
 
-TINY = CAPTION_DECODER_PRESETS["tiny"]
-V1 = CAPTION_DECODER_PRESETS["v1"]
+TINY = PRESETS["tiny"].caption_decoder
+V1 = PRESETS["v1"].caption_decoder
 # A small vocabulary keeps the literal (quadratic) references fast; EOS is its last id.
 SEARCH = dataclasses.replace(TINY, vocab_size=96, eos_token_id=95, n_positions=160)
 TIE_ULPS = 64

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models.config import IMAGE_ENCODER_PRESETS, ImageEncoderConfig
+from models.config import PRESETS, ImageEncoderConfig
 from models.image_encoder import MEAN, STD, ImageEncoder, original_state_dict, preprocess, random_original
 
 RTOL = 1e-5
-TINY = IMAGE_ENCODER_PRESETS["tiny"]
-V1 = IMAGE_ENCODER_PRESETS["v1"]
+TINY = PRESETS["tiny"].image_encoder
+V1 = PRESETS["v1"].image_encoder
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:

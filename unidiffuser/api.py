@@ -27,7 +27,7 @@ from . import limits, options
 from .files import output_stem, write_outputs
 from .images import as_input, center_crop
 from .pipeline import Pipeline, Request
-from .tasks import TASKS
+from .tasks import TASKS, check_backend
 
 log = logging.getLogger("unidiffuser")
 
@@ -166,6 +166,7 @@ class UniDiffuser:
         2 x steps; on the CUDA-graph path, when the step is queued on the GPU)."""
         if task not in TASKS:
             raise limits.InputError("task", "{task} must be one of %s, got {0!r}" % ", ".join(TASKS), task)
+        check_backend(task, self.backend)
         kind = TASKS[task].input
         each = self._inputs(kind, inputs)
         limits.check_int("n", n, 1, limits.MAX_BATCH)

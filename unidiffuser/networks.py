@@ -10,13 +10,22 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-# The original files: three from HUB_REPO, CLIP's text tower from CLIP_REPO (in CLIP_DIR).
+# The original files: three from HUB_REPO, CLIP's text tower from CLIP_REPO (in CLIP_DIR), the
+# image tower of the tasks that read images from CLIP_IMAGE_REPO, and the caption decoder's GPT-2
+# tokenizer from GPT2_REPO.
 UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE, CLIP_DIR = (
     "uvit_v1.pth", "caption_decoder.pth", "autoencoder_kl.pth", "clip-vit-large-patch14")
 HUB_REPO, CLIP_REPO = "thu-ml/unidiffuser-v1", "openai/clip-vit-large-patch14"
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+CLIP_IMAGE_DIR, CLIP_IMAGE_REPO = "clip-vit-base-patch32", "openai/clip-vit-base-patch32"
+CLIP_IMAGE_FILES = ("config.json", "model.safetensors")
+GPT2_DIR, GPT2_REPO = "gpt2", "openai-community/gpt2"
+GPT2_FILES = ("vocab.json", "merges.txt")
 HUB_FILES = (UVIT_FILE, CAPTION_FILE, AUTOENCODER_FILE)
-ORIGINALS = (*HUB_FILES, *(f"{CLIP_DIR}/{f}" for f in CLIP_FILES))
+# Folder, hub repo and files of each transformers folder among the originals.
+HUB_FOLDERS = ((CLIP_DIR, CLIP_REPO, CLIP_FILES), (CLIP_IMAGE_DIR, CLIP_IMAGE_REPO, CLIP_IMAGE_FILES),
+               (GPT2_DIR, GPT2_REPO, GPT2_FILES))
+ORIGINALS = (*HUB_FILES, *(f"{d}/{f}" for d, _, files in HUB_FOLDERS for f in files))
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,7 @@ class Part:
     keep: tuple[str, ...] = ()     # key prefixes read, after `strip` (every key when empty)
     strip: str = ""                # removed where present: DataParallel saved "module.<name>"
     drop: tuple[str, ...] = ()     # keys the module does not hold (buffers it computes itself)
+    convert: str | None = None     # "package.module:function" applied to what was selected
 
     def describe(self) -> str:
         return self.file + (" " + " + ".join(f"{k}*" for k in self.keep) if self.keep else "")
@@ -38,7 +48,12 @@ class Part:
             key = key[len(self.strip):] if self.strip and key.startswith(self.strip) else key
             if (not self.keep or key.startswith(self.keep)) and key not in self.drop:
                 out[key] = value
-        return out
+        return _resolve(self.convert)(out) if self.convert else out
+
+
+def _resolve(path: str):
+    mod, _, name = path.partition(":")
+    return getattr(importlib.import_module(mod), name)
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,9 @@ class Network:
     build_script: str | None = None
     architecture: str | None = None  # the TensorRT-LLM checkpoint's "architecture"
     mismatch_hint: str = ""         # said when an original file does not fit the module
+    required: bool = True           # text-to-image needs it; the others' networks may be absent
+    derived: tuple[str, ...] = ()   # state-dict keys not stored: the module fills them (tied weights)
+    needs: tuple[str, ...] = ()     # other original files its tasks need (the caption decoder's tokenizer)
 
     @property
     def file(self) -> str:
@@ -62,12 +80,10 @@ class Network:
         return " + ".join(p.describe() for p in self.parts)
 
     def torch_class(self):
-        mod, _, cls = self.module.partition(":")
-        return getattr(importlib.import_module(mod), cls)
+        return _resolve(self.module)
 
     def engine_class(self):
-        mod, _, cls = self.engine.partition(":")
-        return getattr(importlib.import_module(mod), cls)
+        return _resolve(self.engine)
 
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
@@ -81,8 +97,19 @@ NETWORKS: dict[str, Network] = {n.name: n for n in (
     Network("vae_decoder", "models.vae_decoder:VAEDecoder", "vae_decoder",
             (Part(AUTOENCODER_FILE, keep=("decoder.", "post_quant_conv.")),),
             "models.trtllm.vae_decoder:VAEDecoder", "build_decoder.py", "UnidiffuserVAEDecoder"),
+    # The networks of the tasks that read images or write texts (tasks.py).
+    Network("vae_encoder", "models.vae_encoder:VAEEncoder", "vae_decoder",
+            (Part(AUTOENCODER_FILE, keep=("encoder.", "quant_conv.")),), required=False),
+    Network("image_encoder", "models.image_encoder:ImageEncoder", "image_encoder",
+            (Part(f"{CLIP_IMAGE_DIR}/", keep=("vision_model.", "visual_projection."),
+                  drop=("vision_model.embeddings.position_ids",)),), required=False),
+    Network("caption_decoder", "models.caption_decoder:CaptionDecoder", "caption_decoder",
+            (Part(CAPTION_FILE, keep=("decode_prefix.", "gpt."), strip="module.",
+                  convert="models.caption_decoder:original_state_dict"),),
+            required=False, derived=("gpt.lm_head.weight",), needs=tuple(f"{GPT2_DIR}/{f}" for f in GPT2_FILES)),
 )}
-NAMES = tuple(NETWORKS)
+NAMES = tuple(n for n, net in NETWORKS.items() if net.required)     # text-to-image's, in every model folder
+ALL = tuple(NETWORKS)
 
 
 def build(name: str, cfg, device=None):

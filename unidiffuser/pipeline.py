@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from models.config import ModelConfig
@@ -25,7 +26,7 @@ from .guidance import Shapes, guided, noise_inputs, split
 from .options import Options
 from .tasks import IMG, MODES, TASKS, TEXT, Mode
 from .tokenizer import Tokenizer
-from .weights.folders import read_manifest, verify_small_files
+from .weights.folders import CAPTION_TOKENIZER, read_manifest, require_network, verify_files, verify_small_files
 from .weights.loading import DTYPES
 
 log = logging.getLogger("unidiffuser")
@@ -72,6 +73,18 @@ class Pipeline:
         self.device, self.dtype = backend.device, backend.dtype
         self._graphs: dict[tuple, GraphedEval] = {}
         self.load_timings: dict[str, float] = {}
+        self.model_dir: Path | None = None
+        self._captions = None
+
+    @property
+    def captions(self):
+        """The caption decoder's tokenizer (caption_tokenizer/ of the model folder), read on first use."""
+        if self._captions is None:
+            from .caption_tokenizer import CaptionTokenizer
+            require_network(self.model_dir, self.manifest, "caption_decoder")
+            verify_files(self.model_dir, self.manifest, [f"{CAPTION_TOKENIZER}/vocab.json"])
+            self._captions = CaptionTokenizer(self.model_dir / CAPTION_TOKENIZER)
+        return self._captions
 
     @classmethod
     def from_dir(cls, model_dir: Path, opts: Options, cfg_pair: parallel.CfgPair | None = None) -> "Pipeline":
@@ -87,6 +100,7 @@ class Pipeline:
             net_backend = backends.load(opts.backend, model_dir, cfg, manifest, device, DTYPES[opts.dtype],
                                         **opts.backend_options())
         pipe = cls(net_backend, cfg, Tokenizer(model_dir / "tokenizer"), manifest, cfg_pair)
+        pipe.model_dir = model_dir
         pipe.load_timings = {"load_s": time.perf_counter() - t0}
         if started is not None:     # what the process did before: mostly imports
             pipe.load_timings["imports_s"] = started
@@ -132,8 +146,15 @@ class Pipeline:
         if need == "prompt":
             ids = self.tokenizer(req.prompts).to(self.device)
             return {TEXT: (self.backend.encode_text(ids).float(),)}
-        if need == "image":
-            return {IMG: self.backend.encode_images(req.images, req.height, req.width, gens)}
+        if need == "image":    # as the original: the VAE on x / 127.5 - 1, CLIP on its own preprocessing
+            from models.image_encoder import preprocess
+            x = torch.stack([torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1) for img in req.images])
+            x = (x.float() / 127.5 - 1).to(self.device)
+            u, f = self.cfg.uvit, self.cfg.vae_decoder.downsample
+            noise = torch.stack([torch.randn(u.in_chans, req.height // f, req.width // f, generator=g) for g in gens])
+            z = self.backend.encode_image(x, noise.to(self.device))
+            clip_img = self.backend.embed_image(preprocess(req.images).to(self.device))
+            return {IMG: (z, clip_img[:, None])}
         return {}
 
     def initial_noise(self, mode: Mode, gens, steps: int, shapes: Shapes):
@@ -191,7 +212,7 @@ class Pipeline:
         if "text" in task.outputs:
             with self._timed(timings, "caption_s"):
                 check_finite(x, x, scale)
-                texts = self.backend.caption(state[TEXT][0])
+                texts = [self.captions.decode(ids) for ids in self.backend.caption(state[TEXT][0])]
         return Result(images, timings, texts)
 
     @contextmanager

@@ -88,3 +88,11 @@ TASKS: dict[str, Task] = {
     "i2t2i": Task("image", ("i2t", "t2i"), ("image",), "image variation: image -> text latent -> image"),
     "t2i2t": Task("prompt", ("t2i", "i2t"), ("text",), "text variation: text -> image latents -> text"),
 }
+
+
+def check_backend(task: str, backend: str) -> None:
+    """The TensorRT-LLM engines cover text-to-image only."""
+    from .limits import InputError
+    if backend == "trtllm" and task != "t2i":
+        raise InputError("backend", "{backend} trtllm runs text-to-image only (the engines cover t2i); "
+                         "{task} {0} needs {backend} torch", task)

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.config import ModelConfig
 
+from ..weights.folders import require_network
 from ..weights.loading import load_networks
 from .warmup import warm_up_in_background
 
@@ -37,10 +38,12 @@ class TorchBackend:
         # The options were checked by the front door (options.py): quant and compile only on the fast path.
         self.device, self.dtype = device, dtype
         self.graph_safe = self.fast = self.is_fast(device, dtype)
-        nets = {k: v.to(device=device, dtype=dtype).eval().requires_grad_(False) for k, v in nets.items()}
-        self.text_encoder, self.uvit_net, self.vae_decoder = nets["text_encoder"], nets["uvit"], nets["vae_decoder"]
+        self.nets = {k: v.to(device=device, dtype=dtype).eval().requires_grad_(False) for k, v in nets.items()}
+        self.text_encoder, self.uvit_net, self.vae_decoder = (self.nets.get(k) for k in ("text_encoder", "uvit",
+                                                                                        "vae_decoder"))
         if self.fast:
             make_fast(self.uvit_net, self.vae_decoder)
+        self.folder = None    # (model_dir, cfg, manifest) where the other tasks' networks load from
         self.quant, self.fp8_weight_stats = quant, None
         if quant == "fp8":
             from models import fp8
@@ -64,7 +67,20 @@ class TorchBackend:
         finally:
             if warming is not None:
                 warming.join()
-        return cls(nets, device, dtype, compile, quant)
+        backend = cls(nets, device, dtype, compile, quant)
+        backend.folder = (Path(model_dir), cfg, manifest)
+        return backend
+
+    def network(self, name: str) -> torch.nn.Module:
+        """A network of the tasks other than text-to-image, loaded from the model folder on first use."""
+        if name not in self.nets:
+            model_dir, cfg, manifest = self.folder
+            require_network(model_dir, manifest, name)
+            net = load_networks(model_dir, cfg, manifest, self.device, self.dtype, names=(name,))[name]
+            self.nets[name] = net.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            if self.fast and name == "vae_encoder":
+                set_decoder_fusions(self.nets[name])   # the same convs and GroupNorms as the decoder
+        return self.nets[name]
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
@@ -75,6 +91,21 @@ class TorchBackend:
         """(z_out, clip_img_out, text_out): the noise predicted in each stream."""
         with sdpa_kernel(FAST_SDPA, set_priority=True) if self.fast else nullcontext():
             return self._uvit(z, clip_img, text, t_img, t_text, data_type)
+
+    def encode_image(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] NCHW -> the VAE latent z sampled with `noise` (scaled, fp32)."""
+        vae = self.network("vae_encoder")
+        if self.fast:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return vae.sample(vae.moments(x.to(self.dtype)).float(), noise)
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP-preprocessed images [B, 3, 224, 224] -> CLIP image embeddings [B, 512] (fp32)."""
+        return self.network("image_encoder")(pixels.to(self.dtype)).float()
+
+    def caption(self, text: torch.Tensor) -> list[list[int]]:
+        """Text latents [B, 77, 64] -> each one's caption as GPT-2 token ids (beam search)."""
+        return self.network("caption_decoder").generate(text.to(self.dtype), cuda_graph=self.fast)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         # No cuDNN autotuning (cudnn.benchmark): on an H200 a fresh process's first decode took

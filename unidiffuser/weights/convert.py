@@ -23,11 +23,12 @@ from .loading import DTYPES
 
 def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[str, torch.Tensor], str]],
                     dtype: str, tokenizer_src: Path | None, random: bool, overwrite: bool = False,
-                    src: Path | None = None, extra=None) -> Path:
+                    src: Path | None = None, extra=None, caption_tokenizer_src: Path | None = None) -> Path:
     """Write the folder complete under a temporary name beside `out` (extra(tmp) adds to it),
     then swap it in: the old folder (one convert_weights.py wrote, folders.check_out) is renamed
     aside, the new one renamed in, then the old one deleted. Never half-written; a full disk is
-    a clear error and leaves the old folder as it was."""
+    a clear error and leaves the old folder as it was. caption_tokenizer_src: the GPT-2
+    tokenizer files of the caption decoder (when it is among the networks)."""
     out = Path(out)
     folders.check_out(out, overwrite, src)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,21 +38,17 @@ def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[
         files = {}
         for name, (sd, source) in networks.items():
             path = tmp / NETWORKS[name].file
-            tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+            tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items() if k not in NETWORKS[name].derived}
             atomic_write(path, partial(save_file, tensors, metadata={"source": source, "dtype": dtype}))
             files[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size, "dtype": dtype, "source": source}
-        tok_dir = tmp / "tokenizer"
-        if tokenizer_src is not None and all((Path(tokenizer_src) / f).is_file() for f in tokenizer.TOKENIZER_FILES):
-            tok_dir.mkdir()
-            for f in tokenizer.TOKENIZER_FILES:
-                try:
-                    shutil.copyfile(Path(tokenizer_src) / f, tok_dir / f)
-                except OSError as e:
-                    raise write_failure(tok_dir / f, e) from e
-        else:
-            tokenizer.write_tokenizer_files(tok_dir)
+        if not copy_files(tokenizer_src, tmp / "tokenizer", tokenizer.TOKENIZER_FILES):
+            tokenizer.write_tokenizer_files(tmp / "tokenizer")
+        small = list(folders.SMALL_FILES)
+        if "caption_decoder" in networks:
+            copy_files(caption_tokenizer_src, tmp / folders.CAPTION_TOKENIZER, tokenizer.TOKENIZER_FILES, required=True)
+            small += [f"{folders.CAPTION_TOKENIZER}/{f}" for f in tokenizer.TOKENIZER_FILES]
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        for name in folders.SMALL_FILES:
+        for name in small:
             files[name] = {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         manifest = {"format": folders.MARKER, "version": folders.VERSION, "random_weights": random,
                     "dtype": dtype, "files": files}
@@ -63,6 +60,21 @@ def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def copy_files(src: Path | None, dst: Path, names, required: bool = False) -> bool:
+    """Copy src/NAME for each name into dst; False (nothing copied) when src lacks one of them."""
+    if src is None or not all((Path(src) / f).is_file() for f in names):
+        if required:
+            raise folders.CheckpointError(f"{src}: needs {', '.join(names)}")
+        return False
+    dst.mkdir()
+    for f in names:
+        try:
+            shutil.copyfile(Path(src) / f, dst / f)
+        except OSError as e:
+            raise write_failure(dst / f, e) from e
+    return True
 
 
 def swap_in(tmp: Path, out: Path, overwrite: bool, src: Path | None) -> None:

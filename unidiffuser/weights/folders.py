@@ -19,11 +19,12 @@ from pathlib import Path
 from models.config import ModelConfig
 
 from ..files import sha256
-from ..networks import CLIP_DIR, CLIP_FILES, CLIP_REPO, HUB_FILES, HUB_REPO, NAMES, NETWORKS, ORIGINALS
+from ..networks import HUB_FILES, HUB_FOLDERS, HUB_REPO, NAMES, NETWORKS, ORIGINALS
 
 MARKER, VERSION = "unidiffuser-model-folder", 2
 MANIFEST = "manifest.json"
 SMALL_FILES = ("config.json", "tokenizer/vocab.json", "tokenizer/merges.txt")
+CAPTION_TOKENIZER = "caption_tokenizer"   # the caption decoder's GPT-2 tokenizer files, when it is converted
 REQUIRED = tuple(NETWORKS[n].file for n in NAMES) + SMALL_FILES
 # Written from the model folder by convert_weights.py --trtllm and build_*.py.
 DERIVED = {f"trtllm/{n}/{f}" for n in NAMES for f in ("config.json", "rank0.safetensors")} | \
@@ -39,10 +40,12 @@ class CheckpointError(ValueError):
 
 def placement_help(src: Path) -> str:
     return (f"Place the original files like this and pass --src {src}:\n"
-            + "".join(f"  {src}/{f:<24} from https://huggingface.co/{HUB_REPO}\n"
-                      for f in HUB_FILES) +
-            f"  {src}/{CLIP_DIR}/ {', '.join(CLIP_FILES)}\n"
-            f"                                from https://huggingface.co/{CLIP_REPO}")
+            + "".join(f"  {src}/{f:<24} from https://huggingface.co/{HUB_REPO}\n" for f in HUB_FILES)
+            + "\n".join(f"  {src}/{d}/ {', '.join(files)}\n"
+                         f"                                from https://huggingface.co/{repo}"
+                         for d, repo, files in HUB_FOLDERS)
+            + f"\n({HUB_FOLDERS[1][0]}/ and {HUB_FOLDERS[2][0]}/ serve the tasks that read images or write texts; "
+              "text-to-image runs without them)")
 
 
 def all_files(folder: Path) -> list[str]:
@@ -234,3 +237,11 @@ def verify_small_files(model_dir: Path, manifest: dict) -> None:
         verify_files(model_dir, manifest, SMALL_FILES)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+
+
+def require_network(model_dir: Path, manifest: dict, name: str) -> None:
+    """A network of the tasks other than text-to-image is in the folder, or one line saying what to re-run."""
+    if NETWORKS[name].file not in manifest["files"]:
+        raise CheckpointError(f"{model_dir}: has no {NETWORKS[name].file}, which the tasks that read images or "
+                              "write texts need (the folder was converted without it); re-run convert_weights.py "
+                              "with the original files (--download fetches them)")

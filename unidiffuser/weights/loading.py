@@ -30,9 +30,11 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
-    """Strict: same names and shapes as the model, or a CheckpointError that lists the differences."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, hint: str = "",
+                     derived: tuple[str, ...] = ()) -> None:
+    """Strict: same names and shapes as the model (less the keys it derives itself, tied
+    weights), or a CheckpointError that lists the differences."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in derived}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
@@ -112,7 +114,7 @@ def _load_checked(model_dir: Path, name: str, manifest: dict, verify: bool, devi
     def finish(net: nn.Module) -> dict[str, torch.Tensor]:
         if digest is not None and digest.result() != entry["sha256"]:
             raise _sha_mismatch(path)
-        check_state_dict(net, sd, str(path))
+        check_state_dict(net, sd, str(path), derived=NETWORKS[name].derived)
         return sd
 
     return finish

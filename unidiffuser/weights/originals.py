@@ -14,7 +14,7 @@ import torch
 
 from models.config import ModelConfig
 
-from ..networks import CLIP_DIR, CLIP_FILES, CLIP_REPO, HUB_FILES, HUB_REPO, NAMES, NETWORKS, ORIGINALS, Part, build
+from ..networks import ALL, CLIP_DIR, CLIP_IMAGE_DIR, HUB_FILES, HUB_FOLDERS, HUB_REPO, NAMES, NETWORKS, ORIGINALS, Part, build
 from .folders import RANDOM_MARK, CheckpointError, placement_help
 from .loading import check_state_dict
 
@@ -77,18 +77,31 @@ def read_network(src: Path, name: str, cfg: ModelConfig) -> dict[str, torch.Tens
         tensors, path = part_tensors(src, part)
         sd.update(tensors)
         read.append(str(path))
-    check_state_dict(build(name, cfg, device="meta"), sd, " + ".join(read), net.mismatch_hint)
+    sd = {k: v for k, v in sd.items() if k not in net.derived}    # the module fills them itself
+    check_state_dict(build(name, cfg, device="meta"), sd, " + ".join(read), net.mismatch_hint, net.derived)
     return sd
 
 
 def read_originals(src: Path, cfg: ModelConfig) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
-    """Every network: (state dict, where it came from for the manifest)."""
-    return {name: (read_network(src, name, cfg), NETWORKS[name].source) for name in NAMES}
+    """Every network whose original files are in src: (state dict, where it came from for the
+    manifest). Text-to-image's must be there (missing_originals); the other tasks' networks are
+    left out, with one line saying what to place or download, when their files are not."""
+    out = {}
+    for name in ALL:
+        absent = part_missing(src, NETWORKS[name].parts) + [str(Path(src) / f) for f in NETWORKS[name].needs
+                                                             if not (Path(src) / f).is_file()]
+        if absent:
+            log.warning("%s: not found, so the model folder gets no %s (the tasks that read images or write "
+                        "texts need it); place it or use --download", absent[0], name)
+            continue
+        out[name] = (read_network(src, name, cfg), NETWORKS[name].source)
+    return out
 
 
-def missing_originals(src: Path) -> list[str]:
+def part_missing(src: Path, parts) -> list[str]:
+    """The files of `parts` that are not in src."""
     src, missing = Path(src), []
-    for part in dict.fromkeys(p for n in NAMES for p in NETWORKS[n].parts):
+    for part in parts:
         path = src / part.file
         if part.file.endswith("/"):
             if not (path / "config.json").is_file():
@@ -97,7 +110,12 @@ def missing_originals(src: Path) -> list[str]:
                 missing.append(str(path / MODEL_FOLDER_WEIGHTS[0]))
         elif not path.is_file():
             missing.append(str(path))
-    return list(dict.fromkeys(missing))
+    return missing
+
+
+def missing_originals(src: Path) -> list[str]:
+    """Text-to-image's original files that are not in src."""
+    return list(dict.fromkeys(part_missing(src, dict.fromkeys(p for n in NAMES for p in NETWORKS[n].parts))))
 
 
 def download_originals(src: Path) -> Path:
@@ -105,9 +123,9 @@ def download_originals(src: Path) -> Path:
     On failure, what the attempt created (src itself, huggingface_hub's .cache/) is removed."""
     from huggingface_hub import hf_hub_download, snapshot_download
     src = Path(src)
-    clip = src / CLIP_DIR
-    created = [p for p in (src, src / ".cache", clip, clip / ".cache", *(src / f for f in ORIGINALS))
-               if not p.exists()]
+    folders = [src / d for d, _, _ in HUB_FOLDERS]
+    created = [p for p in (src, src / ".cache", *folders, *(d / ".cache" for d in folders),
+                           *(src / f for f in ORIGINALS)) if not p.exists()]
     # huggingface_hub logs through its own handler and also propagates to ours: every retry
     # line would print twice.
     hub_log = logging.getLogger("huggingface_hub")
@@ -115,8 +133,8 @@ def download_originals(src: Path) -> Path:
     try:
         for f in HUB_FILES:
             hf_hub_download(HUB_REPO, f, local_dir=src)
-        snapshot_download(CLIP_REPO, local_dir=clip,
-                          allow_patterns=list(CLIP_FILES))
+        for folder, repo, files in HUB_FOLDERS:
+            snapshot_download(repo, local_dir=src / folder, allow_patterns=list(files))
     except Exception as e:
         for p in created:   # outermost first: removing src removes the rest
             if p.is_dir():
@@ -132,15 +150,20 @@ def download_originals(src: Path) -> Path:
     return src
 
 
-def clip_config_matches(clip_dir: Path, cfg: ModelConfig) -> None:
-    path = Path(clip_dir) / "config.json"
-    try:
-        c = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
-    c = c.get("text_config", c)   # a CLIPModel config nests the text tower's fields
-    want = cfg.text_encoder.clip_fields()
-    diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
-    if diff:
-        raise CheckpointError(f"{path}: text config differs from the preset: "
-                              + ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items()))
+def clip_config_matches(src: Path, cfg: ModelConfig) -> None:
+    """The CLIP towers' config.json agree with the preset (a CLIPModel config nests each tower's
+    fields): a wrong download is one line, not a shape error deep in a network."""
+    for folder, key, want in ((CLIP_DIR, "text_config", cfg.text_encoder.clip_fields()),
+                              (CLIP_IMAGE_DIR, "vision_config", cfg.image_encoder.clip_fields())):
+        path = Path(src) / folder / "config.json"
+        if folder != CLIP_DIR and not path.is_file():
+            continue   # an optional tower: read_originals says it is absent
+        try:
+            c = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+        c = c.get(key, c) if isinstance(c, dict) else {}
+        diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
+        if diff:
+            raise CheckpointError(f"{path}: {key.split('_')[0]} config differs from the preset: "
+                                  + ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items()))
