@@ -43,6 +43,8 @@ class TorchBackend:
                                                                                         "vae_decoder"))
         if self.fast:
             make_fast(self.uvit_net, self.vae_decoder)
+            if "vae_encoder" in self.nets:
+                set_decoder_fusions(self.nets["vae_encoder"])   # the same convs and GroupNorms as the decoder
         self.folder = None    # (model_dir, cfg, manifest) where the other tasks' networks load from
         self.quant, self.fp8_weight_stats = quant, None
         if quant == "fp8":
@@ -79,7 +81,7 @@ class TorchBackend:
             net = load_networks(model_dir, cfg, manifest, self.device, self.dtype, names=(name,))[name]
             self.nets[name] = net.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
             if self.fast and name == "vae_encoder":
-                set_decoder_fusions(self.nets[name])   # the same convs and GroupNorms as the decoder
+                set_decoder_fusions(self.nets[name])
         return self.nets[name]
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
