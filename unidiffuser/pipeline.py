@@ -188,7 +188,7 @@ class Pipeline:
                 if timings is not None:
                     torch.cuda.synchronize()
                     timings["capture_s"] = timings.get("capture_s", 0.0) + time.perf_counter() - t0
-                log.info("captured the %s evaluation for batch %d, %s latents, scale %g in %.2f s "
+                log.info("captured the UViT call (%s) for batch %d, %s latents, scale %g in %.2f s "
                          "(once per batch, size and scale)", name, B, "x".join(map(str, shapes.z[1:])),
                          req.scale, time.perf_counter() - t0)
             fn = graphed.noise_fn(given, noise)
