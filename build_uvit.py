@@ -21,7 +21,8 @@ def prepare(args, ckpt_config):
 
 def build(args, ckpt_config, weights, prepared):
     from unidiffuser.engines import build as engine_build
-    from models.trtllm.uvit import UViT, use_fused_attention
+    from models.trtllm.fmha import use_fused_attention
+    from models.trtllm.uvit import UViT
     cfg, latent = prepared
     fused = use_fused_attention(cfg) and not args.no_fused_attention
     rows = 2 * args.max_batch_size
