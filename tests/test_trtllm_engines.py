@@ -284,6 +284,7 @@ def test_uvit_tiny_engine_is_plain(engines):
 def test_uvit_fmha_engine_is_built_with_the_plugin(fmha_engines):
     plugins = fmha_engines.configs["uvit"]["plugins"]
     assert plugins["attention"] == "bert_attention plugin"
+    assert plugins["fmha_accumulation"] in ("float32", "float16")
 
 
 @pytest.mark.trtllm
