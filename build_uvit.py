@@ -21,12 +21,17 @@ def prepare(args, ckpt_config):
 
 def build(args, ckpt_config, weights, prepared):
     from unidiffuser.engines import build as engine_build
-    from models.trtllm.uvit import UViT, use_fused_attention
+    from models.trtllm.fmha import use_fused_attention
+    from models.trtllm.uvit import UViT
     cfg, latent = prepared
     fused = use_fused_attention(cfg) and not args.no_fused_attention
     rows = 2 * args.max_batch_size
     engine = engine_build.build_serialized(UViT(cfg, *latent), weights, rows, fused_attention=fused)
-    return engine, rows, latent, {"attention": "bert_attention plugin" if fused else "plain"}
+    plugins = {"attention": "bert_attention plugin" if fused else "plain"}
+    if fused:   # as build_serialized set it: fp32 unless TensorRT-LLM rejects that on this GPU (SM 100)
+        fp32 = engine_build.fmha_fp32_acc_supported(engine_build.sm_version())
+        plugins["fmha_accumulation"] = "float32" if fp32 else "float16"
+    return engine, rows, latent, plugins
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 # ---- compat pin set (issue 11) -----------------------------------------------------------------
 # bash setup.sh --compat: .venv-compat with requirements-compat.txt, the versions of NVIDIA's
-# TensorRT-LLM release image (transformers 4.56, huggingface_hub<1, pillow 10.3, numpy<2).
+# TensorRT-LLM 1.2 release image (transformers 4.57.3, huggingface_hub<1, numpy<2).
 # CI (.ci/run) runs the CPU suite under both pin sets.
 if [ "${1:-}" = "--compat" ]; then
   python3 -m venv .venv-compat

@@ -1,9 +1,10 @@
-"""Network configurations as data: one dataclass per network, two presets each.
+"""Network configurations as data: one dataclass per network, and presets of all three.
 
 `v1` is UniDiffuser-v1 (thu-ml/unidiffuser `configs/sample_unidiffuser_v1.py`, LDM KL-f8,
 openai/clip-vit-large-patch14). `tiny` keeps every structural feature (long skips, the
 data-type token, mid attention, 8x latent factor, 77 CLIP tokens) at widths a 2-core CPU
-runs in milliseconds, for tests.
+runs in milliseconds, for tests; `tiny-fmha` is tiny with v1's UViT head size (64), for the
+engine tests' fused-attention path.
 """
 from __future__ import annotations
 
@@ -165,5 +166,13 @@ PRESETS: dict[str, ModelConfig] = {
         image_encoder=ImageEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, projection_dim=16),
         caption_decoder=CaptionDecoderConfig(prefix_dim=8, n_embd=32, n_layer=2, n_head=2, n_positions=256),
+    ),
+    # tiny with v1's UViT head size, 64 (embed_dim 128, 2 heads; 1 in-, 1 mid-, 1 out-block): the head
+    # size TensorRT-LLM's fused attention has, so the engine tests build that path (tiny's is 16).
+    "tiny-fmha": ModelConfig(
+        uvit=UViTConfig(img_size=16, embed_dim=128, depth=2, num_heads=2, text_dim=8, clip_img_dim=16),
+        text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, prefix_dim=8),
+        vae_decoder=VAEDecoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
     ),
 }

@@ -12,7 +12,9 @@ CFG = PRESETS["tiny"]
 def test_clip_vision_tower_and_extras_are_ignored(tmp_path):
     random_weights.write_random_originals(tmp_path, "tiny")
     clip = tmp_path / networks.CLIP_DIR
-    sd = load_file(str(clip / "model.safetensors"))
+    # Copies: safetensors 0.7 (the TensorRT-LLM 1.2 image's) returns tensors mapped from the file,
+    # which save_file below rewrites in place (the project itself replaces files, files.atomic_write).
+    sd = {k: v.clone() for k, v in load_file(str(clip / "model.safetensors")).items()}
     text_keys = set(sd)
     save_file({**sd, "vision_model.embeddings.patch_embedding.weight": torch.ones(4, 3, 2, 2),
                "text_model.embeddings.position_ids": torch.arange(77)[None],   # saved by older exports

@@ -7,6 +7,11 @@ a temporary folder with the real build scripts and compares; it needs tensorrt_l
 device (the Docker image, docs/engines.md) and is skipped otherwise, with that reason.
 fp16 tolerances, relative to the output's RMS: text encoder 1e-2, UViT 2e-2, VAE decoder 2e-2;
 end to end: mean |pixel difference| <= 2 (of 255) over the image.
+
+The tiny preset's UViT has head size 16, which TensorRT-LLM's fused attention does not cover, so
+its engine runs attention on plain ops. A second model folder, preset tiny-fmha (UViT embed_dim
+128, 2 heads: head size 64, as v1), builds the UViT through the bert_attention plugin (context
+FMHA) and its CUDA-graph capture, compared with the same reference the same way.
 """
 import importlib.util
 import logging
@@ -17,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.config import PRESETS
+from models.trtllm.fmha import use_fused_attention
 from unidiffuser.weights import folders
 from unidiffuser.backends.torch_backend import TorchBackend
 from unidiffuser.pipeline import Request, Text2Image
@@ -27,6 +34,7 @@ PLUGIN = ROOT / "plugin" / "build" / "libunidiffuser_plugins.so"
 MAX_IMAGES = 2          # --max-batch-size of the test engines: the UViT engine holds 2x rows
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROMPT, SEED, STEPS = "an elephant under the sea", 7, 8
+FMHA_PRESET = "tiny-fmha"   # UViT head size 64: the fused-attention engine path
 
 if importlib.util.find_spec("tensorrt_llm") is None:
     NO_ENGINES = "tensorrt_llm is not installed (build and run engines inside the Docker image, docs/engines.md)"
@@ -76,23 +84,19 @@ def generate(backend, cfg, model):
     return Text2Image(backend, cfg, Tokenizer(model / "tokenizer"))(req).images
 
 
-# --- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def converted(tmp_path_factory, preset):
     out = tmp_path_factory.mktemp("engines") / "model"
-    run_script("convert_weights.py", "--random", "tiny", "--out", out, "--trtllm")
+    run_script("convert_weights.py", "--random", preset, "--out", out, "--trtllm")
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(model):
+def torch_reference(model):
     cfg, manifest = folders.read_manifest(model)
     return cfg, TorchBackend.load(model, cfg, manifest, DEVICE, torch.float32)
 
 
-@pytest.fixture(scope="module")
-def engines(model):
+def built_engines(model):
+    """The three engines of `model`, built by the build scripts, in a TrtllmBackend."""
     if NO_ENGINES:
         pytest.skip(NO_ENGINES)
     from unidiffuser.backends.trtllm import TrtllmBackend
@@ -103,6 +107,43 @@ def engines(model):
                *(["--plugin-lib", PLUGIN] if PLUGIN.is_file() else []))
     cfg, manifest = folders.read_manifest(model)
     return TrtllmBackend(model, cfg, manifest, torch.device("cuda"), torch.float16)
+
+
+def graphs_of(engine):
+    from unidiffuser.backends.trtllm import _Graph
+    return [g for g in engine.graphs.values() if isinstance(g, _Graph)]
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return converted(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return torch_reference(model)
+
+
+@pytest.fixture(scope="module")
+def engines(model):
+    return built_engines(model)
+
+
+@pytest.fixture(scope="module")
+def fmha_model(tmp_path_factory):
+    return converted(tmp_path_factory, FMHA_PRESET)
+
+
+@pytest.fixture(scope="module")
+def fmha_reference(fmha_model):
+    return torch_reference(fmha_model)
+
+
+@pytest.fixture(scope="module")
+def fmha_engines(fmha_model):
+    return built_engines(fmha_model)
 
 
 # --- the reference half (any machine) ------------------------------------------------------------
@@ -142,6 +183,26 @@ def test_reference_vae_decoder(reference):
     assert img.shape == (MAX_IMAGES, 3, f * z.shape[2], f * z.shape[3]) and torch.isfinite(img).all()
 
 
+def test_fmha_preset_takes_the_fused_attention_path():
+    """build_uvit.py takes the bert_attention plugin for tiny-fmha (and v1), plain ops for tiny."""
+    u = PRESETS[FMHA_PRESET].uvit
+    assert u.embed_dim // u.num_heads == 64 == PRESETS["v1"].uvit.embed_dim // PRESETS["v1"].uvit.num_heads
+    assert use_fused_attention(u) and use_fused_attention(PRESETS["v1"].uvit)
+    assert not use_fused_attention(PRESETS["tiny"].uvit)
+    # Only the UViT differs: the other two engines are tiny's.
+    assert PRESETS[FMHA_PRESET].text_encoder == PRESETS["tiny"].text_encoder
+    assert PRESETS[FMHA_PRESET].vae_decoder == PRESETS["tiny"].vae_decoder
+
+
+@pytest.mark.parametrize("images", [1, MAX_IMAGES])
+def test_reference_uvit_fmha(fmha_reference, images):
+    cfg, ref = fmha_reference
+    z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
+    z_out, clip_out = ref.uvit(z, clip, text, t_img, t_text, dt)
+    assert z_out.shape == z.shape and clip_out.shape == clip.shape
+    assert torch.isfinite(z_out).all() and torch.isfinite(clip_out).all() and z_out.std() > 0
+
+
 def test_reference_end_to_end(model, reference):
     cfg, ref = reference
     a, b = generate(ref, cfg, model), generate(ref, cfg, model)
@@ -172,12 +233,11 @@ def test_uvit(reference, engines, images):
 
 @pytest.mark.trtllm
 def test_uvit_one_context_per_captured_shape(reference, engines):
-    from unidiffuser.backends.trtllm import _Graph
     cfg, _ = reference
     for images in (1, MAX_IMAGES):
         z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
         engines.uvit(z.half(), clip.half(), text.half(), t_img, t_text, dt)
-    graphs = [g for g in engines.engines["uvit"].graphs.values() if isinstance(g, _Graph)]
+    graphs = graphs_of(engines.engines["uvit"])
     assert len(graphs) == 2 and all(g.verified for g in graphs)
     session = engines.engines["uvit"].session
     assert graphs[0].context is not graphs[1].context
@@ -213,6 +273,55 @@ def test_uvit_replay_mismatch_falls_back_to_eager(reference, engines, monkeypatc
         engines.uvit(z.half(), clip.half(), text.half(), t_img, t_text, dt)
     assert "differs from an eager run" in caplog.text
     assert list(engine.graphs.values()) == [trtllm_backend._EAGER]
+
+
+@pytest.mark.trtllm
+def test_uvit_tiny_engine_is_plain(engines):
+    assert engines.configs["uvit"]["plugins"] == {"attention": "plain"}
+
+
+@pytest.mark.trtllm
+def test_uvit_fmha_engine_is_built_with_the_plugin(fmha_engines):
+    plugins = fmha_engines.configs["uvit"]["plugins"]
+    assert plugins["attention"] == "bert_attention plugin"
+    assert plugins["fmha_accumulation"] in ("float32", "float16")
+
+
+@pytest.mark.trtllm
+@pytest.mark.parametrize("images", [1, MAX_IMAGES])
+def test_uvit_fmha(fmha_reference, fmha_engines, images):
+    """The fused attention, eager (the checked first replay) and replayed from its CUDA graph."""
+    cfg, ref = fmha_reference
+    engine = fmha_engines.engines["uvit"]
+    z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
+    want = ref.uvit(z, clip, text, t_img, t_text, dt)
+    for _ in range(3):            # capture + checked first replay, then plain replays
+        out = fmha_engines.uvit(z.half(), clip.half(), text.half(), t_img, t_text, dt)
+        assert rel_err(out[0], want[0]) < 2e-2 and rel_err(out[1], want[1]) < 2e-2
+    eager = engine({"img": z.half(), "clip_img": clip.half(), "text": text.half(), "t_img": t_img.float(),
+                    "t_text": t_text.float(), "data_type": dt.to(torch.int32)})
+    assert rel_err(eager["img_out"], want[0]) < 2e-2
+    from unidiffuser.backends.trtllm import _EAGER
+    assert _EAGER not in engine.graphs.values()          # captured, and the replay matched eager
+    assert all(g.verified for g in graphs_of(engine))
+
+
+@pytest.mark.trtllm
+def test_uvit_fmha_one_graph_per_shape(fmha_reference, fmha_engines):
+    cfg, _ = fmha_reference
+    for images in (1, MAX_IMAGES):
+        z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
+        fmha_engines.uvit(z.half(), clip.half(), text.half(), t_img, t_text, dt)
+    graphs = graphs_of(fmha_engines.engines["uvit"])
+    assert len(graphs) == 2 and all(g.verified for g in graphs)
+    assert graphs[0].context is not graphs[1].context
+
+
+@pytest.mark.trtllm
+def test_end_to_end_fmha(fmha_model, fmha_reference, fmha_engines):
+    cfg, ref = fmha_reference
+    a, b = generate(ref, cfg, fmha_model).float(), generate(fmha_engines, cfg, fmha_model).float()
+    assert (a - b).abs().mean().item() <= 2.0
 
 
 @pytest.mark.trtllm

@@ -27,9 +27,6 @@ from models.config import UViTConfig
 
 from .common import DTYPE, LayerNorm, batch_input, gelu_erf, merge_heads, sdpa, split_heads
 
-# Head sizes the bert_attention plugin's fused (context FMHA) kernels cover; v1 has 64.
-FMHA_HEAD_SIZES = (32, 40, 64, 80, 96, 104, 128, 160, 192, 256)
-
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """[cos | sin] of t * freqs, fp32 [N, dim], as models/uvit.py computes it."""
@@ -195,7 +192,3 @@ class UViT(Module):
             "t_text": batch_input("t_text", trt.float32, [], [], B),
             "data_type": batch_input("data_type", trt.int32, [], [], B),
         }
-
-
-def use_fused_attention(cfg: UViTConfig) -> bool:
-    return cfg.embed_dim // cfg.num_heads in FMHA_HEAD_SIZES

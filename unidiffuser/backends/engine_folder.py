@@ -1,5 +1,7 @@
 """The engine folder, as build_*.py write it and the trtllm backend reads it. No TensorRT here:
-the contract is checked (and tested) on any machine, before anything is loaded.
+the contract is checked (and tested) on any machine, before anything is loaded. Also the checks
+both sides share once TensorRT-LLM is there: the supported TensorRT-LLM line
+(import_tensorrt_llm) and an engine's TensorRT version (check_tensorrt_version).
 
 Engine folder MODEL/engines/<net>/:
     rank0.engine   the serialized TensorRT engine
@@ -8,7 +10,10 @@ Engine folder MODEL/engines/<net>/:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -21,9 +26,66 @@ ENGINE_FILE, CONFIG_FILE, FORMAT = "rank0.engine", "config.json", 1
 SCRIPTS = {n: NETWORKS[n].build_script for n in NAMES}
 NO_TRTLLM = "tensorrt_llm is not installed: build engines inside the Docker image, see docs/engines.md"
 
+# The one TensorRT-LLM line this engine path is written against, and the image that has it (the
+# Dockerfile's FROM nvcr.io/nvidia/tensorrt-llm/release:${TRTLLM_TAG}). The TensorRT-engine
+# workflow it uses (tensorrt_llm.builder, tensorrt_llm.runtime.Session, functional/layers) was
+# deprecated after 1.2, and later releases' main branch no longer has tensorrt_llm.builder.
+TRTLLM_LINE = (1, 2)
+TRTLLM_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
+
 
 class EngineError(ValueError):
-    """A missing engine, or one built for another model, dtype, batch or size."""
+    """A missing engine, one built for another model, dtype, batch, size or TensorRT, or a
+    TensorRT-LLM other than the supported line."""
+
+
+def trtllm_problem(version: str, has_builder: bool) -> str | None:
+    """None for a tensorrt_llm of the supported line (1.2.x, pre-releases included) that has
+    tensorrt_llm.builder; else the one-line reason, naming the image to use."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    line = ".".join(map(str, TRTLLM_LINE))
+    if m is None or (int(m[1]), int(m[2])) != TRTLLM_LINE:
+        return (f"tensorrt_llm {version} is installed, but the engine path needs TensorRT-LLM {line} (its "
+                f"TensorRT-engine workflow was deprecated after {line}): use the image {TRTLLM_IMAGE}, see docs/engines.md")
+    if not has_builder:
+        return (f"tensorrt_llm {version} has no tensorrt_llm.builder (the TensorRT-engine workflow): "
+                f"use the image {TRTLLM_IMAGE}, see docs/engines.md")
+    return None
+
+
+def import_tensorrt_llm():
+    """tensorrt_llm, checked to be the supported line with its TensorRT-engine workflow; else
+    EngineError, one line (the build scripts and the trtllm backend both come here)."""
+    try:
+        import tensorrt_llm
+    except ImportError as e:
+        raise EngineError(f"{NO_TRTLLM} ({e})") from None
+    version = getattr(tensorrt_llm, "__version__", "(no __version__)")
+    problem = trtllm_problem(version, has_builder=True)
+    if problem is None:          # the right line: is its builder there? (located, not imported)
+        problem = trtllm_problem(version, has_builder=_has_module("tensorrt_llm.builder"))
+    if problem is not None:
+        raise EngineError(problem)
+    return tensorrt_llm
+
+
+def _has_module(name: str) -> bool:
+    if name in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):    # no such parent package, or a parent without __path__
+        return False
+
+
+def check_tensorrt_version(engine_cfg: dict, net: str, installed: str, where: str = "") -> None:
+    """A serialized TensorRT engine only deserializes in the TensorRT it was built with: the
+    version build_*.py recorded in config.json must be the one installed here."""
+    built = engine_cfg.get("tensorrt_version")
+    if built != installed:
+        raise EngineError(f"{where or 'engines/' + net}: built with TensorRT {built or '(version not recorded)'}, "
+                          f"this is TensorRT {installed} (an engine only loads in the TensorRT version that "
+                          f"built it); rebuild it here with: python {SCRIPTS[net]} --model-dir MODEL")
 
 
 def read_engine_config(engine_dir: Path, net: str) -> dict:

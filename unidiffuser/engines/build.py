@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from ..backends.engine_folder import CONFIG_FILE, ENGINE_FILE, FORMAT, NO_TRTLLM, EngineError
+from ..backends.engine_folder import CONFIG_FILE, ENGINE_FILE, FORMAT, NO_TRTLLM, EngineError, import_tensorrt_llm
 from ..files import atomic_write, atomic_write_text
 from ..weights.folders import CheckpointError, sha256
 from . import checkpoint
@@ -29,12 +29,22 @@ def latent_size(args, ckpt_config: dict, default_latent: int) -> tuple[int, int]
     return out[0], out[1]
 
 
-def import_tensorrt_llm():
-    try:
-        import tensorrt_llm  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"error: {NO_TRTLLM} ({e})") from None
-    return tensorrt_llm
+# tensorrt_llm/plugin/plugin.py (1.2), PluginConfig.validate(): on these SM versions
+# (tensorrt_llm._utils.get_sm_version(): major * 10 + minor of GPU 0) it raises NotImplementedError
+# for bert_context_fmha_fp32_acc=True. Only SM 100 is listed: SM 103, 110, 120, 121 keep fp32
+# accumulation.
+FMHA_FP32_ACC_UNSUPPORTED_SM = frozenset({100})
+
+
+def fmha_fp32_acc_supported(sm: int) -> bool:
+    """Whether TensorRT-LLM 1.2 accepts fp32 accumulation in the fused (context FMHA) attention on SM `sm`."""
+    return sm not in FMHA_FP32_ACC_UNSUPPORTED_SM
+
+
+def sm_version() -> int:
+    """The SM version TensorRT-LLM's own checks use (device 0)."""
+    from tensorrt_llm._utils import get_sm_version
+    return get_sm_version()
 
 
 def build_serialized(network_module, weights_path: Path, max_rows: int, fused_attention: bool):
@@ -47,8 +57,8 @@ def build_serialized(network_module, weights_path: Path, max_rows: int, fused_at
 
     from models.trtllm.common import load_weights
 
-    load_weights(network_module, load_file(str(weights_path)))
     name = type(network_module).__name__
+    load_weights(network_module, load_file(str(weights_path)))
     builder = Builder()
     builder_config = builder.create_builder_config(precision="float16", strongly_typed=True)
     network = builder.create_network()
@@ -56,15 +66,23 @@ def build_serialized(network_module, weights_path: Path, max_rows: int, fused_at
     pc.bert_attention_plugin = "float16" if fused_attention else None
     pc.remove_input_padding = False          # padded [N, L, 3C] qkv: every row is a full sequence
     pc.context_fmha = True
-    # fp32 accumulation in the fused attention, as the reference. The field is
+    # fp32 accumulation in the fused attention, as the reference, where TensorRT-LLM allows it
+    # (fmha_fp32_acc_supported; else its fp16 accumulation). The field is
     # `bert_context_fmha_fp32_acc` in the pydantic PluginConfig of TensorRT-LLM 1.x
     # (plugin/plugin.py: context_fmha_type reads it); older releases named it `context_fmha_fp32_acc`.
-    if fused_attention:
+    if fused_attention and fmha_fp32_acc_supported(sm_version()):
         if hasattr(pc, "bert_context_fmha_fp32_acc"):
             pc.bert_context_fmha_fp32_acc = True
         elif hasattr(pc, "context_fmha_fp32_acc"):
             pc.context_fmha_fp32_acc = True
     pc.gemm_plugin = None                    # TensorRT's own GEMMs (fp32 accumulation via matmul's cast)
+    # The plugin-per-GPU rules trtllm-build applies (PluginConfig.validate, tensorrt_llm/commands/build.py);
+    # Builder.build_engine does not call it, so a setting the GPU does not support fails here, in one line.
+    if hasattr(pc, "validate"):
+        try:
+            pc.validate()
+        except NotImplementedError as e:
+            raise EngineError(f"TensorRT-LLM rejects the {name} engine's plugin settings on this GPU ({e})") from None
     with net_guard(network):
         network.set_named_parameters(network_module.named_parameters())
         network_module(**network_module.prepare_inputs(max_rows))
@@ -123,7 +141,7 @@ def engine_config(net: str, ckpt_config: dict, weights: Path, max_rows: int, max
 
 def main(net: str, args, prepare, build) -> int:
     """Common flow of build_*.py, after their arguments are checked: checkpoint and output folder
-    -> prepare(args, ckpt_config) -> is TensorRT-LLM here? -> build(args, ckpt_config, weights,
+    -> prepare(args, ckpt_config) -> is TensorRT-LLM 1.2 here? -> build(args, ckpt_config, weights,
     prepared) -> engine folder. Every input error is one line and exit 2, before the build."""
     try:
         ckpt_config, weights = checkpoint.read_checkpoint(args.checkpoint_dir, net)
@@ -131,10 +149,10 @@ def main(net: str, args, prepare, build) -> int:
         prepared = prepare(args, ckpt_config)
         if importlib.util.find_spec("tensorrt_llm") is None:
             raise ValueError(NO_TRTLLM)
+        trtllm = import_tensorrt_llm()       # EngineError unless the 1.2 line with tensorrt_llm.builder
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trtllm = import_tensorrt_llm()
     t0 = time.perf_counter()
     try:
         engine, max_rows, latent, plugins = build(args, ckpt_config, weights, prepared)
