@@ -10,7 +10,7 @@ from models.config import PRESETS
 from unidiffuser import networks
 from unidiffuser.weights import random_weights
 from unidiffuser.backends.torch_backend import TorchBackend
-from unidiffuser.pipeline import Request, Text2Image
+from unidiffuser.pipeline import Request, Pipeline
 
 pytestmark = pytest.mark.gpu
 CFG = PRESETS["v1"]
@@ -74,19 +74,19 @@ def test_graphed_sampling_equals_eager_and_tracks_fp32(nets, tmp_path):
     tokenizer.write_tokenizer_files(tmp_path)
     tok = tokenizer.Tokenizer(tmp_path)
     req = Request(["a red cube", "a blue ball"], [5, 6], steps=6, scale=7.0, height=256, width=256)
-    graphed = Text2Image(fast, CFG, tok)
+    graphed = Pipeline(fast, CFG, tok)
     first = graphed(req).images                                     # capture (and one replay)
     churn = [torch.full((1 << 24,), float(i), device="cuda") for i in range(8)]   # reuse freed memory
     again = graphed(req).images                                     # pure replay
     del churn
     fast.graph_safe = False
     try:
-        eager = Text2Image(fast, CFG, tok)(req).images
+        eager = Pipeline(fast, CFG, tok)(req).images
     finally:
         fast.graph_safe = True
     assert torch.equal(first, again)
     assert (first.int() - eager.int()).abs().float().mean() < 0.5           # uint8 levels
-    reference = Text2Image(ref, CFG, tok)(req).images
+    reference = Pipeline(ref, CFG, tok)(req).images
     assert (first.int() - reference.int()).abs().float().mean() < 8.0
 
 
@@ -96,14 +96,14 @@ def test_graph_cache_tells_transposed_sizes_apart(nets, tmp_path):
     from unidiffuser import tokenizer
     _, fast = nets
     tokenizer.write_tokenizer_files(tmp_path)
-    pipe = Text2Image(fast, CFG, tokenizer.Tokenizer(tmp_path))
+    pipe = Pipeline(fast, CFG, tokenizer.Tokenizer(tmp_path))
     wide = Request(["a red cube"], [5], steps=3, scale=7.0, height=128, width=256)
     tall = Request(["a red cube"], [5], steps=3, scale=7.0, height=256, width=128)
     pipe(wide)
     graphed = pipe(tall).images
     fast.graph_safe = False
     try:
-        eager = Text2Image(fast, CFG, pipe.tokenizer)(tall).images
+        eager = Pipeline(fast, CFG, pipe.tokenizer)(tall).images
     finally:
         fast.graph_safe = True
     assert graphed.shape == (1, 256, 128, 3)
@@ -189,8 +189,8 @@ def test_fp8_image_against_fp32(nets, fp8_backend, tmp_path):
     tokenizer.write_tokenizer_files(tmp_path)
     tok = tokenizer.Tokenizer(tmp_path)
     req = Request(["a red cube", "a blue ball"], [5, 6], steps=10, scale=7.0, height=256, width=256)
-    got = Text2Image(fp8_backend, CFG, tok)(req).images.int()
-    want = Text2Image(ref, CFG, tok)(req).images.int()
+    got = Pipeline(fp8_backend, CFG, tok)(req).images.int()
+    want = Pipeline(ref, CFG, tok)(req).images.int()
     d = (got - want).abs().float()
     print(f"fp8 final image vs fp32: max {d.max():.0f} levels, mean {d.mean():.2f}")
     assert got.shape == want.shape and d.mean() < 16

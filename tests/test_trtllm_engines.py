@@ -26,7 +26,7 @@ from models.config import PRESETS
 from models.trtllm.fmha import use_fused_attention
 from unidiffuser.weights import folders
 from unidiffuser.backends.torch_backend import TorchBackend
-from unidiffuser.pipeline import Request, Text2Image
+from unidiffuser.pipeline import Request, Pipeline
 from unidiffuser.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def latents(cfg):
 
 def generate(backend, cfg, model):
     req = Request([PROMPT], [SEED], steps=STEPS, height=cfg.default_size, width=cfg.default_size)
-    return Text2Image(backend, cfg, Tokenizer(model / "tokenizer"))(req).images
+    return Pipeline(backend, cfg, Tokenizer(model / "tokenizer"))(req).images
 
 
 def converted(tmp_path_factory, preset):
