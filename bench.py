@@ -26,7 +26,7 @@ from unidiffuser.bench.args import parse_args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv, __doc__)   # before torch (seconds to import) is loaded
+    args = parse_args(argv, __doc__)   # checked here, before torch (seconds to import) is loaded
     if args.from_json is not None:     # measures nothing, imports no torch
         from unidiffuser.bench.report import reprint
         return reprint(args.from_json, args.chart)

@@ -1,5 +1,6 @@
-"""bench.py: the reprint of the run of record, the cold start on the CPU, and the parts of
-unidiffuser/bench/ that the GPU run relies on but a CPU run would not reach."""
+"""bench.py: its argument checks (one line naming the flag, exit 2, before torch is imported),
+the documented CPU smoke test, the reprint of the run of record, the cold start on the CPU, and
+the parts of unidiffuser/bench/ that the GPU run relies on but a CPU run would not reach."""
 import json
 import subprocess
 import sys
@@ -128,6 +129,76 @@ def test_bench_reprints_a_cold_start_only_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ours       run 1: 5.25 s  (imports 3.00)" in r.stdout and "diffusers  run 1: 15.50 s" in r.stdout
 
+
+
+# -- argument checks: one line naming the flag, exit 2, no torch -------------------------------
+
+PROBE = ("import runpy, sys\n"
+         "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+         "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+         "except SystemExit as e:\n    code = e.code\n"
+         "print('CODE', code, 'TORCH', 'torch' in sys.modules, file=sys.stderr)\n")
+
+
+def refused_early(*args):
+    """bench.py's answer to args: exit code, its stderr lines (less the probe's), stdout."""
+    r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "bench.py"), *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, env=child_env(), timeout=120)
+    lines = r.stderr.splitlines()
+    assert lines and lines[-1] == "CODE 2 TORCH False", r.stderr
+    return lines[:-1], r.stdout
+
+
+def bad_reports(tmp_path) -> dict:
+    files = {"not-json": "{ no", "a-list": "[1, 2]", "no-table": json.dumps({"argv": []}),
+             "cfg-parallel": json.dumps({"mode": "cfg_parallel", "dtype": "float16", "end_to_end": {}}),
+             "incomplete": json.dumps({"device": "x", "dtype": "fp16", "size": 512, "steps": 50, "accuracy": {},
+                                       "components": {"1": {"text_encoder_fp32_ms": 1.0}}, "end_to_end": {}})}
+    for name, text in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--device", "cdua"], ["--device", "cpu, cuda or cuda:N", "cdua"]),
+    (["--batch-sizes", "0"], ["--batch-sizes", "1..4096", "got 0"]),
+    (["--batch-sizes", "1", "2", "1"], ["--batch-sizes", "twice", "1 2 1"]),
+    (["--fp32-e2e-batches", "-1"], ["--fp32-e2e-batches", "got -1"]),
+    (["--steps", "0"], ["--steps", "1..1000"]),
+    (["--steps", "5000"], ["--steps", "got 5000"]),
+    (["--size", "100"], ["--size", "multiple of 16", "100"]),
+    (["--size", "0"], ["--size", "multiple of 16"]),
+    (["--repeats", "0"], ["--repeats", "got 0"]),
+    (["--isolated", "ours-fp16", "--device", "cpu"], ["--isolated", "--device cuda"]),
+    (["--json", "{tmp}/no/such/folder/b.json"], ["--json", "does not exist", "not created"]),
+    (["--chart", "{tmp}/no/such/folder/b.png"], ["--chart", "does not exist"]),
+    (["--json", "{tmp}"], ["--json", "is a folder"]),
+    (["--cold-start-dir", "{tmp}/not-json.json"], ["--cold-start-dir", "not a folder"]),
+    (["--from-json", "{tmp}/missing.json"], ["--from-json", "missing.json", "cannot read"]),
+    (["--from-json", "{tmp}/not-json.json"], ["--from-json", "cannot read it as JSON"]),
+    (["--from-json", "{tmp}/a-list.json"], ["--from-json", "not a bench.py report"]),
+    (["--from-json", "{tmp}/no-table.json"], ["--from-json", "not a bench.py report"]),
+    (["--from-json", "{tmp}/cfg-parallel.json"], ["--from-json", "a --cfg-parallel run"]),
+    (["--from-json", "{tmp}/incomplete.json"], ["--from-json", "not a complete bench.py report", "KeyError"]),
+    (["--from-json", "docs/bench-h200.json", "--chart", "{tmp}/no/c.png"], ["--chart", "does not exist"]),
+])
+def test_bench_refuses_bad_arguments_in_one_line_before_torch(tmp_path, args, names):
+    bad_reports(tmp_path)
+    lines, stdout = refused_early(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for name in names:
+        assert name in lines[0], (name, lines)
+    assert stdout == ""                        # nothing half-printed, nothing measured
+    assert not (tmp_path / "no").exists()      # no folder created for --json / --chart
+
+
+def test_bench_without_cuda_refuses_device_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    r = bench("--device", "cuda", "--preset", "tiny", "--json", tmp_path / "b.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --device cuda: no CUDA device"), r.stderr
+    assert not list(tmp_path.iterdir())
 
 
 # -- what a CPU run would not reach ------------------------------------------------------------

@@ -1,23 +1,29 @@
-"""bench.py's command line (no torch: --help answers at once)."""
+"""bench.py's command line, and every check of it that needs neither torch nor a GPU: a bad flag
+is refused in one line naming it (cli.run: `error: ...`, exit 2) before anything is measured."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 from models.config import PRESETS
 
+from .. import limits, options
+from ..limits import InputError
+
 ISOLATED = ("diffusers", "diffusers-compiled", "ours-fp16", "ours-fp8")
+MAX_REPEATS = 1000
 
 
 def parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="v1")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (a smoke test of the code paths)")
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="precision of the fast path")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="batch sizes of our paths (the diffusers peers run at the first)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels, a multiple of 16")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per end-to-end measurement")
     p.add_argument("--fp32-e2e-batches", type=int, nargs="*", default=[1],
                    help="batch sizes at which the (slow) fp32 reference also runs end to end")
@@ -47,4 +53,53 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
-    return parser(description).parse_args(argv)
+    """The arguments, checked (InputError naming the parameter)."""
+    args = parser(description).parse_args(argv)
+    check(args)
+    return args
+
+
+def check(args: argparse.Namespace) -> None:
+    if args.from_json is not None:     # measures nothing: only what the reprint reads and writes
+        check_output("chart", args.chart)
+        if args.chart is not None:
+            check_matplotlib()
+        return
+    options.check_syntax(args.device)
+    if args.isolated and not args.device.startswith("cuda"):
+        raise InputError("isolated", "{isolated} measures one path on a GPU: it needs {device} cuda")
+    check_batch_sizes("batch_sizes", args.batch_sizes, distinct=True)
+    check_batch_sizes("fp32_e2e_batches", args.fp32_e2e_batches)
+    limits.check_steps(args.steps)
+    limits.check_side("size", args.size)
+    limits.check_int("repeats", args.repeats, 1, MAX_REPEATS)
+    check_output("json", args.json)
+    check_output("chart", args.chart)
+    if args.chart is not None:
+        check_matplotlib()
+    if args.cold_start_dir is not None and args.cold_start_dir.exists() and not args.cold_start_dir.is_dir():
+        raise InputError("cold_start_dir", "{cold_start_dir} {0}: not a folder", str(args.cold_start_dir))
+
+
+def check_batch_sizes(name: str, sizes: list[int], distinct: bool = False) -> None:
+    for b in sizes:
+        limits.check_int(name, b, 1, limits.MAX_BATCH)
+    if distinct and len(set(sizes)) != len(sizes):
+        raise InputError(name, "{%s} names a batch size twice: {0}" % name, " ".join(map(str, sizes)))
+
+
+def check_output(name: str, path: Path | None) -> None:
+    """A file to write: its folder must exist (it is not created: a typo would scatter files)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(name, "{%s} {0}: is a folder; give a file name" % name, str(path))
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(name, "{%s} {0}: folder {1} does not exist (it is not created)" % name, str(path),
+                         str(folder))
+
+
+def check_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("chart", "{chart} needs matplotlib (pip install matplotlib)")

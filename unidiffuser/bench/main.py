@@ -12,6 +12,7 @@ import torch
 
 from models.config import PRESETS
 
+from .. import options
 from ..weights import loading
 from .accuracy import component_accuracy, image_accuracy
 from .cfg_parallel import cfg_parallel_main
@@ -28,19 +29,14 @@ from .timing import time_ms
 
 
 def run(args) -> int:
-    """Everything but --from-json (report.reprint)."""
+    """Everything but --from-json (report.reprint), from checked arguments (args.parse_args)."""
     faulthandler.enable()          # a crash inside a native library still names the Python line
     logging.getLogger().setLevel(logging.WARNING)   # as before cli.run: the report is the output, not progress lines
     if args.cfg_parallel:
         return cfg_parallel_main(args)
+    options.resolve(args.device)   # InputError naming --device: no CUDA here, or no such GPU
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available (use --device cpu for a smoke test)", file=sys.stderr)
-        return 2
     if args.isolated:
-        if device.type != "cuda":
-            print("error: --isolated needs --device cuda", file=sys.stderr)
-            return 2
         print(MARK + json.dumps(isolated_main(args)), flush=True)
         return 0
     # What runs in other processes goes first, while this one holds no GPU memory or context:

@@ -2,10 +2,15 @@
 --from-json, printed as the table. No torch here: --from-json needs none."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 from pathlib import Path
 
+from ..limits import InputError
+
+TABLE_KEYS = ("device", "dtype", "size", "steps", "components", "end_to_end", "accuracy")
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -23,8 +28,18 @@ def save_partial(path: Path | None, report: dict) -> None:
 
 
 def load_report(path: Path) -> dict:
-    """A --json run as main() built it: JSON made the batch-size keys strings."""
-    report = json.loads(Path(path).read_text())
+    """A --json run as main() built it (JSON made the batch-size keys strings), or InputError
+    naming --from-json for a file that is missing, not JSON, or not a bench.py report."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError("from_json", "{from_json} {0}: cannot read it as JSON ({1})", str(path),
+                         getattr(e, "strerror", None) or e) from None
+    if not isinstance(report, dict) or not ("cold_start" in report or all(k in report for k in TABLE_KEYS)):
+        what = "a --cfg-parallel run" if isinstance(report, dict) and report.get("mode") == "cfg_parallel" else \
+            "not a bench.py report"
+        raise InputError("from_json", "{from_json} {0}: {1} (it reprints what bench.py --json wrote, or a "
+                         "--cold-start-only run)", str(path), what)
     by_batch = [report.get("components", {}), report.get("end_to_end", {})]
     by_batch += [res["end_to_end"] for res in report.get("isolated", {}).values()]
     for d in by_batch:
@@ -37,13 +52,26 @@ def reprint(path: Path, chart_path: Path | None = None) -> int:
     """--from-json: the saved run's table (and its chart), measuring nothing."""
     report = load_report(path)
     if "dtype" not in report:   # a --cold-start-only run
-        print_cold_start(report.get("cold_start"))
+        text = rendered(path, print_cold_start, report.get("cold_start"))
+        print(text, end="")
         return 0
-    print_table(report)
+    print(rendered(path, print_table, report), end="")
     if chart_path is not None:
         from .chart import chart
         chart(report, chart_path)
     return 0
+
+
+def rendered(path: Path, fn, *args) -> str:
+    """fn's printed text, or InputError naming --from-json if the report lacks what fn reads."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            fn(*args)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise InputError("from_json", "{from_json} {0}: not a complete bench.py report ({1}: {2})", str(path),
+                         type(e).__name__, e) from None
+    return out.getvalue()
 
 
 # -- the table ----------------------------------------------------------------------------------
