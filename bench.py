@@ -11,7 +11,8 @@ that path's alone and the peers run as they would standalone.
 Real v1 shapes with random weights (no downloads). Per component (text encoder + prefix, one
 CFG-batched UViT call, VAE decoder) and end to end (50 steps, 512x512) at several batch sizes;
 CUDA-event timings after warm-up, medians over repeats; peak GPU memory; fp16-vs-fp32 error per
-component and for the final image from the same seed and initial noise.
+component and for the final image from the same seed and initial noise. On the CPU it is a smoke
+test of the code paths (times mean nothing): what needs CUDA is skipped, and the run says so.
 The code is unidiffuser/bench/ (its __init__ says which module measures what).
 
     python bench.py --json bench.json --chart bench.png            # on a CUDA GPU

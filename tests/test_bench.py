@@ -4,6 +4,7 @@ the parts of unidiffuser/bench/ that the GPU run relies on but a CPU run would n
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import child_env
 from models.config import PRESETS
 from unidiffuser import networks, pipeline
 from unidiffuser.backends.torch_backend import TorchBackend, make_fast, set_decoder_fusions, set_uvit_fusions
-from unidiffuser.bench import accuracy, components, fusions, nets
+from unidiffuser.bench import accuracy, components, fusions, nets, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "tiny", "--device", "cpu", "--batch-sizes", "1", "--repeats", "1", "--steps", "3"]   # its --help's
@@ -201,6 +202,37 @@ def test_bench_without_cuda_refuses_device_cuda(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# -- the CPU smoke test ------------------------------------------------------------------------
+
+def test_bench_smoke_test_on_the_cpu_finishes_with_a_sane_report(tmp_path):
+    """The smoke test of bench.py's --help, in well under 2 minutes on a 2-core CPU: the tiny
+    preset at its own size (128x128), the CUDA-only parts skipped, and saying so."""
+    t0 = time.perf_counter()
+    r = bench(*SMOKE, "--json", tmp_path / "b.json", "--chart", tmp_path / "b.png", timeout=600)
+    took = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert took < 120, took
+    assert "# CPU: a smoke test of the code paths, not a benchmark. Skipped (CUDA only)" in r.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert (report["device"], report["preset"], report["dtype"], report["size"], report["steps"]) == \
+        ("cpu", "tiny", "fp16", 128, 3)
+    assert report["isolated"] == {} and "cold_start" not in report and "partial" not in report
+    comp = report["components"]["1"]
+    assert set(comp) == {f"{n}_{t}_ms" for n in ("text_encoder", "uvit_cfg", "decoder") for t in ("fp32", "fp16")}
+    assert all(v > 0 for v in comp.values())
+    e2e = report["end_to_end"]["1"]
+    assert e2e["fp16_ms"] > 0 and e2e["fp32_ms"] > 0 and e2e["fp16_img_per_s"] > 0
+    acc = report["accuracy"]
+    assert set(acc) == {"text_encoder", "uvit", "decoder", "image_[-1,1]", "image_uint8_levels"}
+    for name in ("text_encoder", "uvit", "decoder", "image_[-1,1]"):   # fp16 against fp32: close, not equal
+        assert 0 < acc[name]["rel_l2"] < 0.05, (name, acc[name])
+    assert acc["image_uint8_levels"]["max"] <= 32 and acc["image_uint8_levels"]["mean"] < 2
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]   # the partial file is gone
+    again = bench("--from-json", tmp_path / "b.json")
+    assert again.returncode == 0 and "uvit_cfg                    1" in again.stdout, again.stderr
+
+
 # -- what a CPU run would not reach ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -266,7 +298,7 @@ def test_fast_path_component_variants_run(tiny_nets):
     inp = components.Inputs.draw(1, cfg, 4, 4, nets.make_tokenizer(), torch.Generator().manual_seed(1), cpu)
     r = {}
     with torch.no_grad():
-        out = components.measure_networks(r, "fp16", be, inp, torch.float32, cpu)()
+        out = components.measure_networks(r, "fp16", be, inp, torch.float32, timing.Clock(cpu, 1))()
     assert list(r) == [f"uvit_cfg_fp16_{k}_ms" for k in ("unfused", "flash_attention")] + \
         ["decoder_fp16_torch_groupnorm_ms", "text_encoder_fp16_ms", "uvit_cfg_fp16_ms", "decoder_fp16_ms"]
     assert {v for _, v in fusion_flags(be.uvit_net)} == {True}

@@ -23,7 +23,8 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="batch sizes of our paths (the diffusers peers run at the first)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--size", type=int, default=512, help="image side in pixels, a multiple of 16")
+    p.add_argument("--size", type=int, help="image side in pixels, a multiple of 16 (default: the preset's, "
+                   "512 for v1, 128 for tiny)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per end-to-end measurement")
     p.add_argument("--fp32-e2e-batches", type=int, nargs="*", default=[1],
                    help="batch sizes at which the (slow) fp32 reference also runs end to end")
@@ -53,9 +54,11 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
-    """The arguments, checked (InputError naming the parameter)."""
+    """The arguments, checked (InputError naming the parameter), --size defaulted to the preset's."""
     args = parser(description).parse_args(argv)
     check(args)
+    if args.size is None:
+        args.size = PRESETS[args.preset].default_size
     return args
 
 
@@ -71,7 +74,8 @@ def check(args: argparse.Namespace) -> None:
     check_batch_sizes("batch_sizes", args.batch_sizes, distinct=True)
     check_batch_sizes("fp32_e2e_batches", args.fp32_e2e_batches)
     limits.check_steps(args.steps)
-    limits.check_side("size", args.size)
+    if args.size is not None:
+        limits.check_side("size", args.size)
     limits.check_int("repeats", args.repeats, 1, MAX_REPEATS)
     check_output("json", args.json)
     check_output("chart", args.chart)

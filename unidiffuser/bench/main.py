@@ -25,7 +25,7 @@ from .nets import Paths, build_paths
 from .peers import diffusers_pipeline
 from .profiling import profile_uvit
 from .report import partial_path, print_cold_start, print_table, save_partial, write_json
-from .timing import time_ms
+from .timing import Clock, time_ms
 
 
 def run(args) -> int:
@@ -68,12 +68,14 @@ def measure(args, device: torch.device, cold: dict | None, isolated: dict) -> in
         report["copy_GBps"] = copy_bandwidth(device)
     print(f"# {report['device']}, torch {torch.__version__}, preset {args.preset}, {args.size}x{args.size}, "
           f"{args.steps} steps, fast path {args.dtype}", flush=True)
+    if not cuda:
+        print(cpu_note(args), flush=True)
     if cold is not None:
         report["cold_start"] = cold
     save_partial(args.json, report)
 
-    paths = build_paths(cfg, args.preset, device, dtype, fp8=args.fp8 and cuda, compile=args.compile)
-    outs = components(report, paths, device, args, cfg, h, w)
+    paths = build_paths(cfg, args.preset, device, dtype, fp8=args.fp8 and cuda, compile=args.compile and cuda)
+    outs = components(report, paths, Clock(device, args.repeats), args, cfg, h, w)
     save_partial(args.json, report)
     report["accuracy"].update(component_accuracy(outs, args.dtype))
     if args.profile and cuda:
@@ -89,6 +91,15 @@ def measure(args, device: torch.device, cold: dict | None, isolated: dict) -> in
     if args.chart:
         chart(report, args.chart)
     return 0
+
+
+def cpu_note(args) -> str:
+    """What a CPU run (a smoke test of the code paths: its times mean nothing) leaves out or cuts."""
+    skipped = ["each path in its own process", "diffusers"]
+    skipped += [flag for flag, asked in (("--fp8", args.fp8), ("--compile", args.compile), ("--profile", args.profile))
+                if asked]
+    return (f"# CPU: a smoke test of the code paths, not a benchmark. Skipped (CUDA only): {', '.join(skipped)}. "
+            f"Component timings: 1 warm-up and at most --repeats {args.repeats} calls (on CUDA: 3 and 5-30).")
 
 
 def copy_bandwidth(device) -> float:

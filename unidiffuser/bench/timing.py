@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,19 @@ def time_ms(fn, device, warmup=3, repeats=20) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Clock:
+    """time_ms on the run's device. On the CPU (a smoke test of the code paths, whose times mean
+    nothing) each measurement is cut to one warm-up and at most `cpu_repeats` timed calls."""
+    device: torch.device
+    cpu_repeats: int
+
+    def ms(self, fn, warmup=3, repeats=20) -> float:
+        if self.device.type != "cuda":
+            warmup, repeats = min(warmup, 1), min(repeats, self.cpu_repeats)
+        return time_ms(fn, self.device, warmup, repeats)
 
 
 def graphed(fn, device):
