@@ -224,49 +224,6 @@ def test_save_never_replaces_an_image_unless_asked(pipe, tmp_path):
     assert Image.open(png).size == (32, 32)
 
 
-def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
-    """bench.py --cold-start-only: process start -> first PNG, ours (run.py) and diffusers
-    (from_pretrained of a saved folder), each twice, with our split; its folder is reused."""
-    pytest.importorskip("diffusers", reason="diffusers (the benchmark peer) is not installed")
-    out = tmp_path / "cold.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "tiny", "--device", "cpu", "--steps", "2",
-                        "--size", "128", "--cold-start-only", "--cold-start-dir", tmp_path / "work", "--json", out],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    cold = json.loads(out.read_text())["cold_start"]
-    assert len(cold["ours"]) == 2 and len(cold["diffusers"]) == 2
-    for run in cold["ours"]:
-        assert 0 < run["imports_s"] < run["to_png_s"] <= run["to_exit_s"] and run["load_s"] > 0
-    assert all(run["to_png_s"] > 0 for run in cold["diffusers"])
-
-
-def test_bench_redraws_the_run_of_record_from_its_json(tmp_path):
-    """bench.py --from-json prints the README's run of record again (no GPU): the figures in its
-    table are the JSON's, batch sizes and all (JSON made those keys strings)."""
-    saved = ROOT / "docs" / "bench-h200.json"
-    report = json.loads(saved.read_text())
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--from-json", saved], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    uvit_b8 = report["components"]["8"]["uvit_cfg_fp16_ms"]
-    assert "uvit_cfg                    8" in r.stdout and f"{uvit_b8:.2f}" in r.stdout
-    fp8_b8 = report["isolated"]["ours-fp8"]["end_to_end"]["8"]["ms"]
-    assert f"B=8 {fp8_b8:.1f}" in r.stdout
-    best = min(run["to_png_s"] for run in report["cold_start"]["ours"])
-    assert f"{best:.2f} s" in r.stdout
-
-
-def test_bench_reprints_a_cold_start_only_run(tmp_path):
-    saved = tmp_path / "cold.json"
-    saved.write_text(json.dumps({"argv": [], "cold_start": {
-        "prompt": "x", "steps": 50, "size": 512, "device": "cuda",
-        "ours": [{"to_png_s": 5.25, "imports_s": 3.0}], "diffusers": [{"to_png_s": 15.5}]}}))
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--from-json", saved], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "ours       run 1: 5.25 s  (imports 3.00)" in r.stdout and "diffusers  run 1: 15.50 s" in r.stdout
-
-
 def test_fp8_refused_before_loading_on_a_gpu_without_fp8_units(model, monkeypatch):
     """An A100 (sm_80) has no e4m3 matrix units: a clear error, before any weights are read."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
