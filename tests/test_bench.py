@@ -244,7 +244,7 @@ def tiny_nets():
 def test_final_image_is_the_image_the_pipeline_writes(tiny_nets, dtype):
     """accuracy.final_image runs the pipeline's own stages instead of wrapping its decode: it must
     stay the image pipe(req) converts to uint8."""
-    pipe = pipeline.Text2Image(TorchBackend(tiny_nets, torch.device("cpu"), dtype), PRESETS["tiny"], nets.make_tokenizer())
+    pipe = pipeline.Pipeline(TorchBackend(tiny_nets, torch.device("cpu"), dtype), PRESETS["tiny"], nets.make_tokenizer())
     req = pipeline.Request(["a red cube on a blue sphere", "a cat"], [42, 7], 3, 7.0, 32, 48)
     img = accuracy.final_image(pipe, req)
     assert img.dtype == torch.float32 and img.shape == (2, 3, 32, 48)

@@ -121,13 +121,21 @@ class Pipeline:
         return Shapes((u.in_chans, h, w), (1, u.clip_img_dim), (u.num_text_tokens, u.text_dim))
 
     def _generate(self, req: Request, progress: Callable[[int], None] | None = None) -> Result:
+        timings: dict[str, float] = {}
+        state, x = self.latents(req, progress, timings)
+        return self.decode(TASKS[req.task], state, x, req.scale, timings)
+
+    def latents(self, req: Request, progress: Callable[[int], None] | None = None,
+                timings: dict | None = None) -> tuple[dict, torch.Tensor]:
+        """The task's input encoded and its solver runs done: the last run's state as {stream:
+        tensors} and flat, before any decoding."""
         req.validate()
         task, f = TASKS[req.task], self.cfg.vae_decoder.downsample
         shapes = self.shapes(req.height // f, req.width // f)
         # Each sample's own generator, on the CPU: a seed means the same noise on every device,
         # and any sample reproduces alone.
         gens = [torch.Generator().manual_seed(s) for s in req.seeds]
-        timings: dict[str, float] = {}
+        timings = {} if timings is None else timings
         with self._timed(timings, "encode_s"):
             given = self.encode(req, gens)
         with self._timed(timings, "sample_s"):   # less capture_s, when this request captured
@@ -138,7 +146,7 @@ class Pipeline:
                 x = self.sample(name, x, given, noise, req, shapes, cb, timings)
                 given = split(x, mode.state, shapes)    # the next run's condition
         timings["sample_s"] -= timings.get("capture_s", 0.0)
-        return self.decode(task, given, x, req.scale, timings)
+        return given, x
 
     def encode(self, req: Request, gens) -> dict[str, tuple[torch.Tensor, ...]]:
         """The first solver run's condition: the prompts' text latents, or the images' latents."""
@@ -289,8 +297,3 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
     """[-1, 1] NCHW -> uint8 NHWC on the CPU, rounding as torchvision's save_image does."""
     img = ((img + 1) * 0.5).clamp(0, 1)
     return img.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-
-
-Text2Image = Pipeline   # the name bench.py still uses (removed once it moves to unidiffuser/bench/)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import sampler
-from ..pipeline import Request, Text2Image, on_device
+from ..pipeline import Pipeline, Request, on_device
+from ..tasks import IMG
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -34,24 +34,12 @@ def level_errors(img: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def final_image(pipe: Text2Image, req: Request) -> torch.Tensor:
-    """The final image in [-1, 1] (before uint8), fp32 on the CPU: the pipeline's own stages in
-    the order its __call__ runs them (tokenize, encode, noise, sample, decode), stopping before
-    the uint8 conversion. tests/test_bench.py checks this is the image pipe(req) writes."""
-    req.validate()
-    f = pipe.cfg.vae_decoder.downsample
-    h, w = req.height // f, req.width // f
+def final_image(pipe: Pipeline, req: Request) -> torch.Tensor:
+    """The final image in [-1, 1] (before uint8), fp32 on the CPU: the pipeline's own latents,
+    decoded. tests/test_bench.py checks this is the image pipe(req) writes."""
     with on_device(pipe.device):
-        text = pipe.backend.encode_text(pipe.tokenizer(req.prompts).to(pipe.device)).float()
-        z, clip_img, text_uncond = pipe.initial_noise(req.seeds, req.steps, h, w)
-        x = torch.cat([z.flatten(1), clip_img.flatten(1)], dim=1)
-        if getattr(pipe.backend, "graph_safe", False):
-            x = pipe.sample_graphed(x, text, text_uncond, z.shape[1:], req)
-        else:
-            fn = pipe.noise_fn(text, text_uncond, z.shape[1:], req.scale)
-            x = sampler.sample(fn, x, sampler.plan(req.steps))
-        z = x[:, :z[0].numel()].reshape(z.shape)
-        return pipe.backend.decode(z.to(pipe.dtype)).float().cpu()
+        state, _ = pipe.latents(req)
+        return pipe.backend.decode(state[IMG][0].to(pipe.dtype)).float().cpu()
 
 
 def image_accuracy(pipes: dict, args) -> dict:

@@ -15,7 +15,7 @@ import torch
 from models.config import PRESETS
 
 from ..backends.torch_backend import TorchBackend
-from ..pipeline import Text2Image
+from ..pipeline import Pipeline
 from ..weights import loading
 from .nets import make_tokenizer, random_networks, request
 from .report import write_json
@@ -27,8 +27,8 @@ class Pair:
     """This rank's side of the comparison: the same weights as one GPU and as its CFG pair half."""
     layout: object
     backend: TorchBackend
-    one: Text2Image
-    pair: Text2Image
+    one: Pipeline
+    pair: Pipeline
     cfg: object
     h: int
     w: int
@@ -81,7 +81,7 @@ def setup(args, layout) -> Pair:
     f = cfg.vae_decoder.downsample
     backend = TorchBackend(random_networks(cfg, device), device, dtype)   # the same weights on both ranks (same seed)
     tok = make_tokenizer()
-    return Pair(layout, backend, Text2Image(backend, cfg, tok), Text2Image(backend, cfg, tok, cfg_pair=layout.cfg_pair),
+    return Pair(layout, backend, Pipeline(backend, cfg, tok), Pipeline(backend, cfg, tok, cfg_pair=layout.cfg_pair),
                 cfg, args.size // f, args.size // f)
 
 

@@ -66,7 +66,8 @@ def components(report: dict, paths: Paths, clock: Clock, args, cfg, h: int, w: i
 
 
 def uvit_output(be, a) -> torch.Tensor:
-    return torch.cat([o.float().flatten(1) for o in be.uvit(*a)], 1).cpu()
+    z_out, clip_out, _ = be.uvit(*a)     # the CFG call of text-to-image: its state is the image stream
+    return torch.cat([o.float().flatten(1) for o in (z_out, clip_out)], 1).cpu()
 
 
 def measure_networks(r: dict, tag: str, be, inp: Inputs, dt, clock: Clock):

@@ -14,7 +14,7 @@ import torch
 from models.config import PRESETS
 
 from ..backends.torch_backend import TorchBackend
-from ..pipeline import Text2Image
+from ..pipeline import Pipeline
 from ..weights import loading
 from . import ROOT
 from .nets import make_tokenizer, prompts, random_networks, request
@@ -37,7 +37,7 @@ def build(mode: str, args, cfg, device, dtype, tok, out: dict):
                                 height=args.size, width=args.size, output_type="pt")
         return args.batch_sizes[:1], call    # the peers are compared at the first batch size
     be = TorchBackend(random_networks(cfg, device), device, dtype, quant="fp8" if mode == "ours-fp8" else None)
-    pipe = Text2Image(be, cfg, tok)
+    pipe = Pipeline(be, cfg, tok)
     out["weights_MiB"] = torch.cuda.memory_allocated() / 2**20
 
     def call(B):

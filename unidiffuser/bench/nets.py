@@ -11,7 +11,7 @@ import torch
 
 from .. import networks, tokenizer
 from ..backends.torch_backend import TorchBackend
-from ..pipeline import Request, Text2Image
+from ..pipeline import Request, Pipeline
 from ..weights import random_weights
 from . import PROMPT
 
@@ -55,10 +55,10 @@ def request(batch: int, args) -> Request:
 class Paths:
     """The pipelines measured in this process, all on one set of random weights: the fp32
     reference, the fast path, and where asked (on CUDA) fp8 and the torch.compile'd UViT."""
-    ref: Text2Image
-    fast: Text2Image
-    fp8: Text2Image | None = None
-    compiled: Text2Image | None = None
+    ref: Pipeline
+    fast: Pipeline
+    fp8: Pipeline | None = None
+    compiled: Pipeline | None = None
 
     @property
     def tokenizer(self) -> tokenizer.Tokenizer:
@@ -70,10 +70,10 @@ def build_paths(cfg, preset: str, device, dtype, fp8: bool, compile: bool) -> Pa
     ref, fast, *fast8 = build_networks(cfg, device, dtype, copies=2 if fp8 else 1)
     print(f"built random {preset} networks in {time.perf_counter() - t0:.1f} s", flush=True)
     tok = make_tokenizer()
-    paths = Paths(Text2Image(TorchBackend(ref, device, torch.float32), cfg, tok),
-                  Text2Image(TorchBackend(fast, device, dtype), cfg, tok))
+    paths = Paths(Pipeline(TorchBackend(ref, device, torch.float32), cfg, tok),
+                  Pipeline(TorchBackend(fast, device, dtype), cfg, tok))
     if fp8:
-        paths.fp8 = Text2Image(TorchBackend(fast8[0], device, dtype, quant="fp8"), cfg, tok)
+        paths.fp8 = Pipeline(TorchBackend(fast8[0], device, dtype, quant="fp8"), cfg, tok)
     if compile:
-        paths.compiled = Text2Image(TorchBackend(fast, device, dtype, compile=True), cfg, tok)
+        paths.compiled = Pipeline(TorchBackend(fast, device, dtype, compile=True), cfg, tok)
     return paths
