@@ -321,7 +321,10 @@ def test_convert_from_originals_round_trips(converted, tmp_path):
     manifest = json.loads((tmp_path / "m32" / "manifest.json").read_text())
     assert manifest["random_weights"] is True and manifest["dtype"] == "fp32"
     assert set(manifest["files"]) == {"text_encoder.safetensors", "uvit.safetensors", "vae_decoder.safetensors",
-                                      "config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"}
+                                      "vae_encoder.safetensors", "image_encoder.safetensors",
+                                      "caption_decoder.safetensors", "config.json", "tokenizer/vocab.json",
+                                      "tokenizer/merges.txt", "caption_tokenizer/vocab.json",
+                                      "caption_tokenizer/merges.txt"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == hashlib.sha256((tmp_path / "m32" / name).read_bytes()).hexdigest()
     from safetensors.torch import load_file
