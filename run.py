@@ -103,6 +103,15 @@ def check_arguments(args, n_images: int) -> None:
     check_backend(args.task, args.backend)
 
 
+def check_networks(model_dir: Path, task: str) -> None:
+    """The task's networks are in the model folder (one converted before the image and caption
+    networks existed has text-to-image's only), from its manifest: no torch, no weights."""
+    from unidiffuser.weights.folders import read_manifest, require_network
+    _, manifest = read_manifest(model_dir)
+    for name in TASKS[task].networks:
+        require_network(model_dir, manifest, name)
+
+
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -141,11 +150,12 @@ def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: i
 def main(argv=None) -> int:
     args = parse_args(argv)
     inputs = read_inputs(args)
-    # Every check runs before any weights are loaded: arguments, input images and the output folder
-    # (before torch is imported), the engines, the device, the memory a request needs (from the
-    # model folder's config and manifest), existing outputs. Only the network files' hashing
-    # starts earlier, in daemon threads: an error still exits at once.
+    # Every check runs before any weights are loaded: arguments, input images, the task's networks
+    # in the manifest and the output folder (before torch is imported), the engines, the device,
+    # the memory a request needs (from the model folder's config and manifest), existing outputs.
+    # Only the network files' hashing starts earlier, in daemon threads: an error still exits at once.
     check_arguments(args, len(inputs) * args.n_samples)
+    check_networks(args.model_dir, args.task)
     check_writable(args.out)
     task = TASKS[args.task]
     if args.backend == "torch":   # the longest part of loading needs no torch: begin it now

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import child_env, copy_without_task_networks, input_images
 import torch
 from PIL import Image
+
+from unidiffuser.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -321,7 +323,10 @@ def test_convert_from_originals_round_trips(converted, tmp_path):
     manifest = json.loads((tmp_path / "m32" / "manifest.json").read_text())
     assert manifest["random_weights"] is True and manifest["dtype"] == "fp32"
     assert set(manifest["files"]) == {"text_encoder.safetensors", "uvit.safetensors", "vae_decoder.safetensors",
-                                      "config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"}
+                                      "vae_encoder.safetensors", "image_encoder.safetensors",
+                                      "caption_decoder.safetensors", "config.json", "tokenizer/vocab.json",
+                                      "tokenizer/merges.txt", "caption_tokenizer/vocab.json",
+                                      "caption_tokenizer/merges.txt"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == hashlib.sha256((tmp_path / "m32" / name).read_bytes()).hexdigest()
     from safetensors.torch import load_file
@@ -645,3 +650,170 @@ def test_gpu_only_options_on_the_default_cpu_device_refused_before_loading(conve
     r = run_x(converted[1], tmp_path, *args)
     refused(r, *names)
     assert "loaded" not in r.stderr    # no weights were read
+
+
+# -- every task (unidiffuser/tasks.py) through run.py --------------------------------------------
+
+def one_line(r, *names):
+    """Refused (exit 2, no traceback, naming each of names) in one line."""
+    refused(r, *names)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def task_images(tmp_path_factory):
+    return input_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def unloadable(converted, tmp_path_factory):
+    """A model folder whose every network file fails its sha256: a run that got as far as the
+    weights would say so instead of naming the bad input."""
+    bad = tmp_path_factory.mktemp("unloadable") / "model"
+    shutil.copytree(converted[1], bad, ignore=shutil.ignore_patterns("trtllm"))
+    for f in bad.glob("*.safetensors"):
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF
+        f.write_bytes(bytes(data))
+    return bad
+
+
+def run_in_process(capsys, *args) -> list[Path]:
+    """run.py's main() in this process (no torch import per run): the paths it printed."""
+    import run
+    capsys.readouterr()
+    assert run.main([str(a) for a in args]) == 0
+    return [Path(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_run_every_task_writes_its_outputs_and_sidecars(converted, task_images, tmp_path, capsys, one_thread, task):
+    t, out, big = TASKS[task], tmp_path / "O", task_images["big.png"]
+    given = {"prompt": ["--prompt", "a red cube"], "image": ["--image", big], None: ["--n-samples", "2"]}[t.input]
+    printed = run_in_process(capsys, "--task", task, *given, "--model-dir", converted[1], "--out", out,
+                             "--steps", "2", "--height", "32", "--width", "32", "--seed", "5")
+    seeds = [5] if t.input else [5, 6]
+    stems = [{"prompt": "a-red-cube_", "image": "big_", None: ""}[t.input] + ("" if task == "t2i" else f"{task}_")
+             + f"seed{s}" for s in seeds]
+    suffixes = [{"image": ".png", "text": ".txt"}[o] for o in t.outputs]
+    assert printed == [out / (stem + sfx) for stem in stems for sfx in suffixes]
+    assert sorted(os.listdir(out)) == sorted(stem + sfx for stem in stems for sfx in suffixes + [".json"])
+    for stem, seed in zip(stems, seeds):
+        side = strict_json(out / f"{stem}.json")
+        assert side["task"] == task and side["seed"] == seed and side["steps"] == 2
+        record = {"prompt": "a red cube", None: None,
+                  "image": {"name": "big.png", "sha256": hashlib.sha256(big.read_bytes()).hexdigest(), "size": [71, 50]}}
+        assert {"prompt", "image"} & set(side) == ({t.input} if t.input else set())
+        assert side.get(t.input) == record[t.input]
+        if "image" in t.outputs:
+            png = out / f"{stem}.png"
+            assert Image.open(png).size == (32, 32) and side["png_sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+        if "text" in t.outputs:
+            txt = out / f"{stem}.txt"
+            assert txt.read_text(encoding="utf-8") == side["text"] + "\n"
+            assert side["txt_sha256"] == hashlib.sha256(txt.read_bytes()).hexdigest()
+        assert ("png_sha256" in side) == ("image" in t.outputs) and ("text" in side) == ("text" in t.outputs)
+
+
+def test_run_never_replaces_an_existing_caption(converted, task_images, tmp_path, monkeypatch):
+    """A text output is guarded like an image: refused before the model is loaded, nothing written."""
+    from unidiffuser.api import UniDiffuser
+    import run
+    out = tmp_path / "O"
+    mine = sentinel(out, "big_i2t_seed5.txt")
+    monkeypatch.setattr(UniDiffuser, "from_options", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="big_i2t_seed5.txt already exist.*--overwrite"):
+        run.main(["--task", "i2t", "--image", str(task_images["big.png"]), "--model-dir", str(converted[1]),
+                  "--out", str(out), "--seed", "5"])
+    assert survives(mine) and os.listdir(out) == ["big_i2t_seed5.txt"]
+
+
+def test_run_images_file_of_every_kind(converted, task_images, tmp_path):
+    """--images-file (names relative to its folder, or absolute): an animated GIF, 16-bit, palette,
+    RGBA, CMYK and a smaller image all run (converted as the original: Image.open().convert('RGB'));
+    each sidecar records its image, the smaller one as upscaled."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    kinds = ["anim.gif", "grey16.png", "palette.png", "rgba.png", "cmyk.jpg", "small.png"]
+    for k in kinds:
+        shutil.copy(task_images[k], folder / k)
+    write(folder / "list.txt", "\n".join(kinds + [str(task_images["big.png"])]) + "\n")
+    r = cli("run.py", "--task", "i2t2i", "--images-file", "in/list.txt", "--model-dir", converted[1], "--out", "O",
+            "--steps", "1", "--height", "32", "--width", "32", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    names = kinds + ["big.png"]
+    stems = [f"{Path(n).stem}_i2t2i_seed{1234 + i}" for i, n in enumerate(names)]
+    assert r.stdout.split() == [f"O/{s}.png" for s in stems]
+    for name, stem in zip(names, stems):
+        side = strict_json(tmp_path / "O" / f"{stem}.json")
+        source = folder / name if name != "big.png" else task_images["big.png"]
+        assert side["image"]["name"] == name and side["image"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert side["image"]["size"] == list(Image.open(source).size)
+        assert side["image"].get("upscaled", False) == (name == "small.png")
+        assert Image.open(tmp_path / "O" / f"{stem}.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--task", "i2t", "--prompt", "x"], ["--task i2t takes no --prompt", "--image"]),
+    (["--task", "i2t2i", "--image", "IMAGE", "--prompt", "x"], ["--task i2t2i takes no --prompt"]),
+    (["--task", "t2i", "--image", "IMAGE"], ["--task t2i takes no --image", "--prompt"]),
+    (["--task", "t2i2t", "--prompt", "x", "--image", "IMAGE"], ["--task t2i2t takes no --image"]),
+    (["--task", "joint", "--prompt", "x"], ["--task joint takes no --prompt", "no input"]),
+    (["--task", "t", "--image", "IMAGE"], ["--task t takes no --image", "no input"]),
+    (["--task", "i2t"], ["--task i2t needs at least one --image or an --images-file"]),
+    (["--task", "i2t2i"], ["--task i2t2i needs at least one --image"]),
+    (["--task", "t2i2t"], ["--prompt"]),
+    (["--task", "t2i"], ["--prompt"]),
+    (["--task", "i2t", "--image", "IMAGE", "--backend", "trtllm"],
+     ["--backend trtllm runs text-to-image only", "--task i2t needs --backend torch"]),
+    (["--task", "joint", "--backend", "trtllm"], ["--backend trtllm", "--task joint"]),
+])
+def test_run_wrong_input_for_the_task(unloadable, task_images, tmp_path, args, names):
+    args = [task_images["big.png"] if a == "IMAGE" else a for a in args]
+    one_line(cli("run.py", *args, "--model-dir", unloadable, "--out", tmp_path / "O"), *names)
+    assert not (tmp_path / "O").exists()
+
+
+@pytest.mark.parametrize("name, why", [
+    ("missing.png", "file not found"), ("folder", "not a file"), ("not_image.png", "not an image PIL can read"),
+    ("truncated.png", "not a readable image"), ("truncated.jpg", "not a readable image"),
+    ("bomb.png", "too many pixels"), ("huge_bomb.png", "too many pixels"),
+])
+def test_run_bad_image_refused_before_any_weights(unloadable, task_images, tmp_path, name, why):
+    """One line naming the file, exit 2, nothing written; the model folder's broken weights are
+    never reached (they would be reported instead)."""
+    path = task_images.get(name) or tmp_path / name
+    if name == "folder":
+        path.mkdir()
+    r = cli("run.py", "--task", "i2t", "--image", task_images["big.png"], "--image", path, "--model-dir", unloadable,
+            "--out", tmp_path / "O")
+    one_line(r, f"--image {path}: {why}")
+    assert not (tmp_path / "O").exists()
+
+
+def test_run_images_file_errors_name_the_file(unloadable, task_images, tmp_path):
+    listing = write(tmp_path / "list.txt", "gone.png\n")
+    one_line(cli("run.py", "--task", "i2t2i", "--images-file", listing, "--model-dir", unloadable, "--out", tmp_path / "O"),
+             f"--image {tmp_path / 'gone.png'}: file not found")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    one_line(cli("run.py", "--task", "i2t", "--images-file", tmp_path / "bad.txt", "--model-dir", unloadable,
+                 "--out", tmp_path / "O"), f"--images-file {tmp_path / 'bad.txt'}", "UTF-8")
+    assert not (tmp_path / "O").exists()
+
+
+@pytest.fixture(scope="module")
+def pre_task_model(converted, tmp_path_factory):
+    return copy_without_task_networks(converted[1], tmp_path_factory.mktemp("pre-task") / "model")
+
+
+def test_run_on_a_folder_from_before_the_other_tasks(pre_task_model, task_images, tmp_path, capsys, one_thread):
+    """Text-to-image runs on it; any other task is one line naming the missing network and what to
+    re-run, from the manifest, before any weights (a task that captions at the end must not sample first)."""
+    printed = run_in_process(capsys, "--prompt", "a red cube", "--model-dir", pre_task_model, "--out", tmp_path / "t2i",
+                             "--steps", "1", "--height", "32", "--width", "32")
+    assert [p.name for p in printed] == ["a-red-cube_seed1234.png"]
+    for task, given, missing in [("i2t", ["--image", task_images["big.png"]], "vae_encoder"), ("t", [], "caption_decoder"),
+                                 ("t2i2t", ["--prompt", "x"], "caption_decoder")]:
+        r = cli("run.py", "--task", task, *given, "--model-dir", pre_task_model, "--out", tmp_path / task)
+        one_line(r, str(pre_task_model), f"has no {missing}.safetensors", "re-run convert_weights.py")
+        assert not (tmp_path / task).exists()

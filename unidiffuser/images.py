@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .limits import InputError
+from .limits import InputError, InputTypeError
 
 MAX_FILE_BYTES = 256 << 20        # beyond this no photograph is plausible; refuse before reading it
 
@@ -75,7 +75,7 @@ def as_input(image, param: str = "image") -> InputImage:
     if isinstance(image, Image.Image):
         rgb = image.convert("RGB")
         return InputImage(rgb, "image", hashlib.sha256(rgb.tobytes()).hexdigest())
-    raise InputError(param, "{%s} must be a file path or a PIL image, got {0}" % param, type(image).__name__)
+    raise InputTypeError(param, "{%s} must be a file path or a PIL image, got {0}" % param, type(image).__name__)
 
 
 def center_crop(image, width: int, height: int):

@@ -120,6 +120,15 @@ class Pipeline:
         u = self.cfg.uvit
         return Shapes((u.in_chans, h, w), (1, u.clip_img_dim), (u.num_text_tokens, u.text_dim))
 
+    def require(self, task: str) -> None:
+        """Every network of `task` is in the model folder, or one line naming what to re-run: a folder
+        converted before the image and caption networks existed runs text-to-image only, and the
+        other tasks must say so before any work, not after sampling (t, joint need the caption
+        decoder only at the end)."""
+        if self.model_dir is not None:
+            for name in TASKS[task].networks:
+                require_network(self.model_dir, self.manifest, name)
+
     def _generate(self, req: Request, progress: Callable[[int], None] | None = None) -> Result:
         timings: dict[str, float] = {}
         state, x = self.latents(req, progress, timings)
@@ -130,6 +139,7 @@ class Pipeline:
         """The task's input encoded and its solver runs done: the last run's state as {stream:
         tensors} and flat, before any decoding."""
         req.validate()
+        self.require(req.task)
         task, f = TASKS[req.task], self.cfg.vae_decoder.downsample
         shapes = self.shapes(req.height // f, req.width // f)
         # Each sample's own generator, on the CPU: a seed means the same noise on every device,
