@@ -1,6 +1,7 @@
 """bench.py: its argument checks (one line naming the flag, exit 2, before torch is imported),
 the documented CPU smoke test, the reprint of the run of record, the cold start on the CPU, and
 the parts of unidiffuser/bench/ that the GPU run relies on but a CPU run would not reach."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,10 +15,14 @@ from conftest import child_env
 from models.config import PRESETS
 from unidiffuser import networks, pipeline
 from unidiffuser.backends.torch_backend import TorchBackend, make_fast, set_decoder_fusions, set_uvit_fusions
-from unidiffuser.bench import accuracy, components, fusions, nets, timing
+from unidiffuser.bench import accuracy, components, fusions, nets, peers, task_runs, timing
+from unidiffuser.bench.args import parse_args
+from unidiffuser.bench.isolated import run_child
+from unidiffuser.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "tiny", "--device", "cpu", "--batch-sizes", "1", "--repeats", "1", "--steps", "3"]   # its --help's
+TASKS_SMOKE = ["--tasks", "--preset", "tiny", "--device", "cpu", "--batch-sizes", "1", "--repeats", "1", "--steps", "2"]
 
 
 def bench(*args, timeout=300):
@@ -153,6 +158,8 @@ def refused_early(*args):
 def bad_reports(tmp_path) -> dict:
     files = {"not-json": "{ no", "a-list": "[1, 2]", "no-table": json.dumps({"argv": []}),
              "cfg-parallel": json.dumps({"mode": "cfg_parallel", "dtype": "float16", "end_to_end": {}}),
+             "tasks-run": json.dumps({"mode": "tasks", "device": "cpu", "preset": "tiny", "dtype": "fp16", "size": 128,
+                                      "steps": 2, "guidance": 7.0, "isolated": False, "tasks": {}}),
              "incomplete": json.dumps({"device": "x", "dtype": "fp16", "size": 512, "steps": 50, "accuracy": {},
                                        "components": {"1": {"text_encoder_fp32_ms": 1.0}}, "end_to_end": {}})}
     for name, text in files.items():
@@ -182,6 +189,11 @@ def bad_reports(tmp_path) -> dict:
     (["--from-json", "{tmp}/cfg-parallel.json"], ["--from-json", "a --cfg-parallel run"]),
     (["--from-json", "{tmp}/incomplete.json"], ["--from-json", "not a complete bench.py report", "KeyError"]),
     (["--from-json", "docs/bench-h200.json", "--chart", "{tmp}/no/c.png"], ["--chart", "does not exist"]),
+    (["--from-json", "{tmp}/tasks-run.json", "--chart", "{tmp}/c.png"], ["--chart", "--tasks run has no chart"]),
+    (["--tasks", "t2x"], ["--tasks", "i2t2i", "t2x"]),
+    (["--tasks", "i2t", "--fp8"], ["--tasks", "--fp8"]),
+    (["--tasks", "--cold-start"], ["--tasks", "--cold-start"]),
+    (["--isolated-task", "t"], ["--isolated-task", "--isolated ours-fp16 or diffusers"]),
 ])
 def test_bench_refuses_bad_arguments_in_one_line_before_torch(tmp_path, args, names):
     bad_reports(tmp_path)
@@ -231,6 +243,73 @@ def test_bench_smoke_test_on_the_cpu_finishes_with_a_sane_report(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]   # the partial file is gone
     again = bench("--from-json", tmp_path / "b.json")
     assert again.returncode == 0 and "uvit_cfg                    1" in again.stdout, again.stderr
+
+
+def test_bench_tasks_smoke_test_on_the_cpu_and_its_reprint(tmp_path):
+    """bench.py --tasks on the CPU (its --help's smoke test): every task, ours with its stage split
+    and diffusers in the same mode, in well under a minute, saying its times mean nothing; then
+    --from-json of its JSON reprints the same tasks table."""
+    t0 = time.perf_counter()
+    r = bench(*TASKS_SMOKE, "--json", tmp_path / "t.json", timeout=600)
+    took = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert took < 60, took
+    assert "# CPU: a smoke test of the code paths, not a benchmark: its times mean nothing" in r.stdout
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert (report["mode"], report["device"], report["preset"], report["size"], report["steps"]) == \
+        ("tasks", "cpu", "tiny", 128, 2)
+    assert list(report["tasks"]) == list(TASKS) and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+    have_peer = importlib.util.find_spec("diffusers") is not None
+    for task, paths in report["tasks"].items():
+        ours = paths["ours"]["runs"]["1"]
+        stages = {"encode_s", "sample_s", "save_s"} | {"decode_s" for o in TASKS[task].outputs if o == "image"} \
+            | {"caption_s" for o in TASKS[task].outputs if o == "text"}
+        assert set(ours["stages_s"]) == stages and ours["s"] >= sum(ours["stages_s"].values()) > 0, (task, ours)
+        assert ("diffusers" in paths) == have_peer and (not have_peer or paths["diffusers"]["runs"]["1"]["s"] > 0)
+    alone = report["tasks"]["i2t"]["ours"]["caption_decoder_ms"]["1"]
+    assert alone["ms"] > 0 and alone["tokens"] == 67
+    assert "i2t2i    1" in r.stdout and "caption decoder alone" in r.stdout
+    again = bench("--from-json", tmp_path / "t.json")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("\n## tasks — cpu") and r.stdout.endswith(again.stdout)
+
+
+def test_bench_tasks_child_process_reports_its_json_line():
+    """The GPU run's way: one (path, task) in a fresh `bench.py --isolated PATH --isolated-task TASK`
+    process, its batch sizes those of its task (every task at the first, i2t and joint at each)."""
+    args = parse_args(["--tasks", "t", "joint", "--preset", "tiny", "--device", "cpu", "--batch-sizes", "1", "2",
+                       "--repeats", "1", "--steps", "2"])
+    assert args.tasks == ["t", "joint"] and args.batch_sizes == [1, 2]
+    assert task_runs.task_batches("t", args.batch_sizes) == [1] and task_runs.task_batches("joint", [1, 8]) == [1, 8]
+    cmd = task_runs.child_command("ours-fp16", "t", args)
+    res = run_child(cmd, "ours-fp16 t", timeout=300)
+    assert res is not None and (res["path"], res["task"], res["device"]) == ("ours-fp16", "t", "cpu")
+    assert list(res["runs"]) == ["1"] and res["runs"]["1"]["repeats"] == 1 and res["process_s"] > res["build_s"]
+    assert parse_args(["--tasks"]).batch_sizes == [1, 8] and parse_args([]).batch_sizes == [1, 2, 4, 8]
+    assert parse_args(["--tasks"]).tasks == list(TASKS)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_diffusers_peer_draws_full_size_networks_where_its_task_runs_them(task):
+    """v1 shapes for the networks a task runs in diffusers (image encoder: CLIP ViT-B/32 with a
+    512 projection; text decoder: GPT-2 124M with <|EOS|>), tiny stand-ins for the others; drawn
+    under a default-device context (meta here: shapes only), as on the GPU."""
+    pytest.importorskip("diffusers", reason="diffusers (the benchmark peer) is not installed")
+    with torch.device("meta"):
+        nets_ = peers.networks(PRESETS["v1"], task)
+    assert all(p.device.type == "meta" for n in nets_.values() for p in n.parameters())
+    vision, gpt = nets_["image_encoder"].config, nets_["text_decoder"].transformer.config
+    full_vision = (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size,
+                   vision.image_size, vision.projection_dim) == (768, 12, 12, 32, 224, 512)
+    full_gpt = (gpt.n_embd, gpt.n_layer, gpt.n_head, gpt.vocab_size) == (768, 12, 12, 50258)
+    assert full_vision == (task in ("i2t", "i2t2i", "t2i2t")) and vision.projection_dim == 512
+    assert full_gpt == (task in ("i2t", "joint", "t", "i2t2i", "t2i2t"))
+
+
+def test_diffusers_peer_text_tokenizer_ends_captions_at_the_decoders_eos():
+    pytest.importorskip("diffusers", reason="diffusers (the benchmark peer) is not installed")
+    tok = peers.gpt2_tokenizer()
+    assert tok.eos_token_id == PRESETS["v1"].caption_decoder.eos_token_id == 50257 and len(tok) == 50258
 
 
 # -- what a CPU run would not reach ------------------------------------------------------------

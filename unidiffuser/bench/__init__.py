@@ -10,6 +10,8 @@
     profiling    the fp16/fp8 UViT call's kernel-time split, the fp8 scales
     peers        diffusers' UniDiffuserPipeline at the same shapes
     isolated     each path alone in a fresh `bench.py --isolated MODE` process
+    task_calls   one call of a task per path, input file -> outputs on disk (ours: the Python API)
+    task_runs    --tasks: every task, ours against diffusers, each (path, task) in a fresh process
     cold_start   process start -> first PNG, run.py and diffusers as subprocesses
     cfg_parallel one GPU against a CFG pair of two, under torchrun
     report       the --json report: writing, reading back (--from-json), the printed table

@@ -80,15 +80,28 @@ def run_isolated(mode: str, args) -> dict | None:
     cmd = [sys.executable, str(ROOT / "bench.py"), "--isolated", mode, "--preset", args.preset,
            "--dtype", args.dtype, "--steps", str(args.steps), "--size", str(args.size),
            "--repeats", str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes)]
+    res = run_child(cmd, f"isolated {mode}")
+    if res is not None:
+        res["end_to_end"] = {int(B): r for B, r in res["end_to_end"].items()}
+    return res
+
+
+def run_child(cmd: list[str], label: str, timeout: float | None = None) -> dict | None:
+    """The JSON that a `bench.py --isolated ...` process prints on its MARK line, with its
+    process_s (start to exit); None, said in one line, if it failed or ran past `timeout` seconds."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        print(tail.rstrip()[-3000:] + f"\n{label} stopped: still running after {timeout:.0f} s", flush=True)
+        return None
     print(p.stderr.rstrip()[-3000:], flush=True)
     lines = [line for line in p.stdout.splitlines() if line.startswith(MARK)]
     if p.returncode != 0 or not lines:
-        print(f"isolated {mode} failed (exit {p.returncode})", flush=True)
+        print(f"{label} failed (exit {p.returncode})", flush=True)
         return None
     res = json.loads(lines[-1][len(MARK):])
-    res["end_to_end"] = {int(B): r for B, r in res["end_to_end"].items()}
     res["process_s"] = time.perf_counter() - t0
     return res
 

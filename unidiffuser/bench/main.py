@@ -24,7 +24,8 @@ from .isolated import MARK, isolated_main, run_all_isolated
 from .nets import Paths, build_paths
 from .peers import diffusers_pipeline
 from .profiling import profile_uvit
-from .report import partial_path, print_cold_start, print_table, save_partial, write_json
+from .report import partial_path, print_cold_start, print_table, print_tasks_report, save_partial, write_json
+from .task_runs import run_tasks, task_child
 from .timing import Clock, time_ms
 
 
@@ -36,6 +37,11 @@ def run(args) -> int:
         return cfg_parallel_main(args)
     options.resolve(args.device)   # InputError naming --device: no CUDA here, or no such GPU
     device = torch.device(args.device)
+    if args.isolated_task:
+        print(MARK + json.dumps(task_child(args)), flush=True)
+        return 0
+    if args.tasks is not None:
+        return tasks(args)
     if args.isolated:
         print(MARK + json.dumps(isolated_main(args)), flush=True)
         return 0
@@ -52,6 +58,24 @@ def run(args) -> int:
         have_diffusers = importlib.util.find_spec("diffusers") is not None and not args.no_diffusers
         isolated = run_all_isolated(args, have_diffusers)
     return measure(args, device, cold, isolated)
+
+
+def tasks(args) -> int:
+    """--tasks: each (path, task) alone (task_runs), then the table and --json."""
+    if not args.device.startswith("cuda"):
+        print(tasks_cpu_note(args), flush=True)
+    report = run_tasks(args)
+    print_tasks_report(report)
+    if args.json:
+        write_json(args.json, report)
+        partial_path(args.json).unlink(missing_ok=True)
+    return 0
+
+
+def tasks_cpu_note(args) -> str:
+    return (f"# CPU: a smoke test of the code paths, not a benchmark: its times mean nothing. Each (path, task) "
+            f"runs in this process (on CUDA: each in a fresh process), the first call and --repeats {args.repeats} "
+            f"timed calls.")
 
 
 def measure(args, device: torch.device, cold: dict | None, isolated: dict) -> int:

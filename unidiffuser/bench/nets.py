@@ -1,5 +1,6 @@
 """What every measurement runs: the three networks with random weights at the preset's real
-shapes (no downloads), the fast-path copies of the same weights, the tokenizer, the requests."""
+shapes (no downloads), the fast-path copies of the same weights, the tokenizer, the requests;
+and for the tasks benchmark the Python API over every network, random, with no model folder."""
 from __future__ import annotations
 
 import tempfile
@@ -9,18 +10,39 @@ from pathlib import Path
 
 import torch
 
+from models.caption_decoder import is_conv1d_weight
+
 from .. import networks, tokenizer
 from ..backends.torch_backend import TorchBackend
+from ..caption_tokenizer import CaptionTokenizer, write_random_files
 from ..pipeline import Request, Pipeline
 from ..weights import random_weights
 from . import PROMPT
 
 
-def random_networks(cfg, device) -> dict[str, torch.nn.Module]:
-    """The three networks with random weights (random_weights.randomize_), fp32, drawn on the device."""
+def random_networks(cfg, device, names=networks.NAMES) -> dict[str, torch.nn.Module]:
+    """The networks `names` (default text-to-image's three) with random weights
+    (random_weights.randomize_; GPT-2's [in, out] matrices by their fan-in), fp32, drawn on the device."""
     g = torch.Generator(device).manual_seed(0)
-    return {n: random_weights.randomize_(networks.build(n, cfg, device), g).eval().requires_grad_(False)
-            for n in networks.NAMES}
+    out = {}
+    for n in names:
+        fan_in = {"fan_in_first": is_conv1d_weight} if n == "caption_decoder" else {}
+        out[n] = random_weights.randomize_(networks.build(n, cfg, device), g, **fan_in).eval().requires_grad_(False)
+    return out
+
+
+def random_api(cfg, device, dtype: str, folder: Path):
+    """The Python API (UniDiffuser) on every network (networks.ALL) with random weights, on the
+    torch backend at `dtype` ("fp16", ...), without a model folder: the caption tokenizer is the
+    random stand-in vocabulary, written into `folder` (which also stands for the model folder)."""
+    from ..api import UniDiffuser
+    from ..weights import loading
+
+    backend = TorchBackend(random_networks(cfg, device, networks.ALL), device, loading.DTYPES[dtype])
+    pipe = Pipeline(backend, cfg, make_tokenizer(), manifest={"random_weights": True})
+    write_random_files(folder / "caption_tokenizer")
+    pipe._captions = CaptionTokenizer(folder / "caption_tokenizer")
+    return UniDiffuser(pipe, folder, "torch", dtype)
 
 
 def build_networks(cfg, device, dtype, copies=1):

@@ -35,13 +35,17 @@ def load_report(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError("from_json", "{from_json} {0}: cannot read it as JSON ({1})", str(path),
                          getattr(e, "strerror", None) or e) from None
-    if not isinstance(report, dict) or not ("cold_start" in report or all(k in report for k in TABLE_KEYS)):
+    if not isinstance(report, dict) or not ("cold_start" in report or "tasks" in report
+                                            or all(k in report for k in TABLE_KEYS)):
         what = "a --cfg-parallel run" if isinstance(report, dict) and report.get("mode") == "cfg_parallel" else \
             "not a bench.py report"
         raise InputError("from_json", "{from_json} {0}: {1} (it reprints what bench.py --json wrote, or a "
                          "--cold-start-only run)", str(path), what)
     by_batch = [report.get("components", {}), report.get("end_to_end", {})]
-    by_batch += [res["end_to_end"] for res in report.get("isolated", {}).values()]
+    if isinstance(report.get("isolated"), dict):
+        by_batch += [res["end_to_end"] for res in report["isolated"].values()]
+    for paths in report.get("tasks", {}).values():
+        by_batch += [d for res in paths.values() for d in (res.get("runs", {}), res.get("caption_decoder_ms", {}))]
     for d in by_batch:
         for k in [k for k in d if k.isdigit()]:
             d[int(k)] = d.pop(k)
@@ -54,6 +58,11 @@ def reprint(path: Path, chart_path: Path | None = None) -> int:
     if "dtype" not in report:   # a --cold-start-only run
         text = rendered(path, print_cold_start, report.get("cold_start"))
         print(text, end="")
+        return 0
+    if report.get("mode") == "tasks":
+        if chart_path is not None:
+            raise InputError("chart", "{chart}: a --tasks run has no chart (its table is all it prints)")
+        print(rendered(path, print_tasks_report, report), end="")
         return 0
     print(rendered(path, print_table, report), end="")
     if chart_path is not None:
@@ -173,3 +182,46 @@ def print_cold_start(cold: dict | None) -> None:
             parts = ", ".join(f"{k[:-2]} {r[k]:.2f}" for k in ("imports_s", "load_s", "encode_s", "capture_s", "sample_s",
                                                                "decode_s") if k in r)
             print(f"  {who:<10} run {i + 1}: {r['to_png_s']:.2f} s" + (f"  ({parts})" if parts else ""))
+
+
+# -- the tasks table (bench.py --tasks) ------------------------------------------------------------
+
+SPLIT = (("encode_s", "encode"), ("sample_s", "sample"), ("caption_s", "caption"), ("decode_s", "decode"),
+         ("save_s", "save"))
+
+
+def print_tasks_report(report: dict) -> None:
+    where = "each (path, task) alone in a fresh process" if report["isolated"] else "all in this process"
+    side = report["size"]
+    print(f"\n## tasks — {report['device']}, random {report['preset']}-shape weights, {side}x{side}, "
+          f"{report['steps']} steps, guidance {report['guidance']:g}")
+    print(f"ours {report['dtype']} (the Python API) against diffusers' UniDiffuserPipeline in the same mode, {where}; "
+          f"a call is input file -> outputs on disk; seconds, medians of the timed calls")
+    if report["device"] == "cpu":
+        print("(CPU: a smoke test of the code paths; its times mean nothing)")
+    print(f"{'task':<7}{'B':>3}{'ours s':>9}" + "".join(f"{label:>9}" for _, label in SPLIT)
+          + f"{'diffusers s':>13}{'speed-up':>10}")
+    for task, paths in report["tasks"].items():
+        print_task_rows(task, paths.get("ours"), paths.get("diffusers"))
+    for task, paths in report["tasks"].items():
+        alone = (paths.get("ours") or {}).get("caption_decoder_ms")
+        if alone:
+            tokens, how = next(iter(alone.values()))["tokens"], "eager" if report["device"] == "cpu" else "CUDA graph"
+            print(f"caption decoder alone (GPT-2, beam 5, {tokens} tokens, no early stop, {report['dtype']}, {how}; "
+                  f"ms, median): "
+                  + "; ".join(f"B={B} {r['ms']:.1f}" for B, r in alone.items()))
+
+
+def print_task_rows(task: str, ours: dict | None, peer: dict | None) -> None:
+    """One row per batch size either path ran; a path that failed or did not run shows "-"."""
+    batches = dict.fromkeys([*(ours or {}).get("runs", {}), *(peer or {}).get("runs", {})])
+    for B in batches:
+        o = (ours or {}).get("runs", {}).get(B)
+        d = (peer or {}).get("runs", {}).get(B)
+        cells = [f"{o['s']:>9.3f}" if o else f"{'-':>9}"]
+        for key, _ in SPLIT:
+            v = o["stages_s"].get(key) if o else None
+            cells.append(f"{v:>9.3f}" if v is not None else f"{'-':>9}")
+        cells.append(f"{d['s']:>13.3f}" if d else f"{'-':>13}")
+        cells.append(f"{d['s'] / o['s']:>9.1f}x" if o and d else f"{'-':>10}")
+        print(f"{task:<7}{B:>3}" + "".join(cells))
