@@ -88,13 +88,15 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.batcher.queue_depth if self.batcher else 0,
                                      lambda: self.batcher.running_images if self.batcher else 0)
 
-    def ready(self, pipe, model_info: dict) -> None:
+    def ready(self, pipe, model_info: dict) -> Batcher:
+        """The model is loaded and warm: requests are accepted from now on. The caller runs the
+        returned batcher's loop (`work()`), in the thread that loaded the model."""
         self.default_size = pipe.default_size
         self.model_info = model_info
         self.batcher = Batcher(pipe, self.config.max_batch, self.config.batch_wait_ms / 1000, self.config.max_queue,
                                on_batch=self._on_batch)
-        self.batcher.start()
         self.status, self.reason = "ok", ""
+        return self.batcher
 
     def fail(self, message: str) -> None:
         """Loading failed: the command says `message` in one line and exits 2."""

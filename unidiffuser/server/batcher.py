@@ -81,7 +81,8 @@ class Batcher:
 
     # ---- the event loop's side ---------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="unidiffuser-batcher", daemon=True)
+        """Run the model's loop in a thread of its own (see `work` to run it in the caller's)."""
+        self._thread = threading.Thread(target=self.work, name="unidiffuser-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -166,7 +167,9 @@ class Batcher:
         return max(1, math.ceil(calls * (self._batch_s or 1.0)))
 
     # ---- the worker's side -------------------------------------------------------------------
-    def _work(self) -> None:
+    def work(self) -> None:
+        """The model's loop: take a batch, run it, answer; until stop(). Every model call of the
+        server runs in the thread that runs this (the one that loaded and warmed the model)."""
         while True:
             jobs = self._next_batch()
             if jobs is None:

@@ -129,7 +129,8 @@ def resolve_device(requested: str | None) -> str:
 
 
 def load(state, args) -> None:
-    """In a thread while /health answers 503: import torch, load, warm the default size."""
+    """In a thread while /health answers 503: import torch, load, warm the default size; then
+    this thread runs the model for the batcher until the process exits."""
     try:
         device = resolve_device(args.device)
         if device == "cpu" and args.dtype == "fp8":
@@ -145,15 +146,18 @@ def load(state, args) -> None:
         t2 = time.perf_counter()
         info = {"default_size": pipe.default_size, "dtype": pipe.precision, "backend": pipe.backend,
                 "device": device, "random_weights": pipe.random_weights}
-        state.ready(pipe, info)
         log.info("ready: loaded in %.2f s, warmed up in %.2f s (%s, %s, %s%s)", t1 - t0, t2 - t1, device,
                  pipe.precision, f"{pipe.default_size}x{pipe.default_size}",
                  ", RANDOM weights" if pipe.random_weights else "")
+        batcher = state.ready(pipe, info)
     except (ValueError, OSError) as e:
         state.fail(str(e))
+        return
     except Exception as e:            # noqa: BLE001 - said in one line, the traceback logged
         log.exception("loading failed")
         state.fail(f"loading failed: {type(e).__name__}: {e}")
+        return
+    batcher.work()                    # this thread, which loaded and warmed the model, runs every call
 
 
 def main(argv=None) -> int:
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port} (loading the model: /health answers 503 until it is ready)",
           file=sys.stderr, flush=True)
-    threading.Thread(target=load, args=(state, args), name="unidiffuser-load", daemon=True).start()
+    threading.Thread(target=load, args=(state, args), name="unidiffuser-model", daemon=True).start()
     server.run(sockets=[sock])
     if state.failure is not None:
         raise ValueError(state.failure)
