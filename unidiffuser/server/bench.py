@@ -8,9 +8,9 @@
    prompt, one seed, batch 1 each), after one warm-up image; it keeps the PNGs.
 2. The server (serve.py, a subprocess on a free port, the same device and dtype), for each
    `--concurrency` C: C client threads, each with the official openai client, send the same
-   `--requests` requests (n=1, the same prompts and seeds) as fast as they are answered, after a
-   warm-up round at that concurrency (so graph captures of the batch sizes it forms are not
-   timed). Measured: images/s over the wall time, latency p50/p99 per request, the mean images
+   `--requests` requests (n=1, the same prompts and seeds) as fast as they are answered, after
+   warm-up rounds at that concurrency; the server warms every batch size up to --max-batch at
+   start (--warm-batches), so no graph capture is timed. Measured: images/s over the wall time, latency p50/p99 per request, the mean images
    per model call the server formed, and each image against the API's image of the same seed
    (max abs pixel difference: 0 when the batch is the same, batched arithmetic's rounding else).
 
@@ -98,7 +98,8 @@ class ServerProcess:
     def __init__(self, args, log_path: Path):
         cmd = [sys.executable, str(ROOT / "serve.py"), "--model-dir", str(args.model_dir), "--port", "0",
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
-               "--max-queue", str(max(64, 2 * max(args.concurrency))), "--request-timeout-s", "3600"]
+               "--max-queue", str(max(64, 2 * max(args.concurrency))), "--request-timeout-s", "3600",
+               "--warm-batches"]
         if args.device:
             cmd += ["--device", args.device]
         if args.dtype:

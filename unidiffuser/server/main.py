@@ -4,7 +4,7 @@ exits 0.
 
     python serve.py --model-dir model [--host 127.0.0.1] [--port 8000] [--device cuda:N]
                     [--dtype fp16|bf16|fp8|fp32] [--max-batch 8] [--batch-wait-ms 10] [--max-queue 64]
-                    [--api-key KEY] [--request-timeout-s 300] [--max-side 4096]
+                    [--api-key KEY] [--request-timeout-s 300] [--warm-batches] [--max-side 4096]
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="a request still waiting for its batch "
                    "after this long gets 503 (default 300)")
+    p.add_argument("--warm-batches", action="store_true", help="also warm every batch size 2..--max-batch at "
+                   "the default size before ready (on the CUDA fast path each pays its graph capture once)")
     p.add_argument("--max-side", type=int, default=limits.MAX_SIDE, help="largest image side a request may ask for "
                    f"(default {limits.MAX_SIDE}, the CLI's limit)")
     return p.parse_args(argv)
@@ -143,6 +145,8 @@ def load(state, args) -> None:
         # One tiny generation at the default size: the first request does not pay the kernels'
         # first run (and, on the CUDA fast path, the capture of the batch-1 graph at guidance 7).
         pipe("warm-up", seed=0, steps=1)
+        for b in range(2, args.max_batch + 1) if args.warm_batches else ():
+            pipe(["warm-up"] * b, seeds=list(range(b)), batch=b, steps=1)
         t2 = time.perf_counter()
         info = {"default_size": pipe.default_size, "dtype": pipe.precision, "backend": pipe.backend,
                 "device": device, "random_weights": pipe.random_weights}
