@@ -24,10 +24,12 @@ COPY . .
 # pins it (4.57.3), with its tokenizers, huggingface_hub, pillow, numpy<2, torch and tensorrt. The
 # project also runs with those (CI runs the CPU suite under requirements-compat.txt). Every
 # installed package is a constraint, so pip only adds what is missing and fails instead of
-# up- or downgrading anything (ftfy and regex: the tokenizer's cleaning and word pattern). openai-clip only ships CLIP's BPE file; its __init__
+# up- or downgrading anything (ftfy and regex: the tokenizer's cleaning and word pattern; fastapi,
+# uvicorn, python-multipart: serve.py, which the image's own OpenAI server already brings). openai-clip only ships CLIP's BPE file; its __init__
 # (torchvision) is never imported.
 RUN pip list --format=freeze | grep -E '^[A-Za-z0-9_.-]+==' > /tmp/image-packages.txt \
  && pip install --no-cache-dir -c /tmp/image-packages.txt safetensors tqdm pytest ftfy==6.1.1 regex \
+        fastapi uvicorn python-multipart \
  && pip install --no-cache-dir --no-deps openai-clip==1.0.1
 
 # The GroupNorm(+SiLU) library and TensorRT plugin: plugin/ -> plugin/build/libunidiffuser_plugins.so,

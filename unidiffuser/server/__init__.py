@@ -1,0 +1,9 @@
+"""An OpenAI-compatible image server over the Python API, with dynamic batching and a web page.
+
+    python serve.py --model-dir model            # then http://127.0.0.1:8000/ (docs/server.md)
+
+Modules: main (the command: arguments, loading, warm-up, signals), app (routes, request checks,
+errors, auth), batcher (merging requests into model calls in one worker thread), tasks (what a
+batch runs, as a table), metrics (Prometheus text), errors (OpenAI's error object), bench (HTTP
+against the Python API). Nothing here imports torch until the model is loaded.
+"""
