@@ -166,12 +166,12 @@ def test_reference_text_encoder(reference):
 def test_reference_uvit(reference, images):
     cfg, ref = reference
     z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
-    z_out, clip_out = ref.uvit(z, clip, text, t_img, t_text, dt)
+    z_out, clip_out, _ = ref.uvit(z, clip, text, t_img, t_text, dt)
     assert z_out.shape == z.shape and clip_out.shape == clip.shape
     assert torch.isfinite(z_out).all() and torch.isfinite(clip_out).all()
     # Rows differing only in t_text give different outputs: the inputs exercise both CFG halves.
     z, clip, text = (torch.cat([x[:images], x[:images]]) for x in (z, clip, text))
-    z_out, _ = ref.uvit(z, clip, text, t_img, t_text, dt)
+    z_out, _, _ = ref.uvit(z, clip, text, t_img, t_text, dt)
     assert rel_err(z_out[images:], z_out[:images]) > 1e-3
 
 
@@ -198,7 +198,7 @@ def test_fmha_preset_takes_the_fused_attention_path():
 def test_reference_uvit_fmha(fmha_reference, images):
     cfg, ref = fmha_reference
     z, clip, text, t_img, t_text, dt = uvit_inputs(cfg, images)
-    z_out, clip_out = ref.uvit(z, clip, text, t_img, t_text, dt)
+    z_out, clip_out, _ = ref.uvit(z, clip, text, t_img, t_text, dt)
     assert z_out.shape == z.shape and clip_out.shape == clip.shape
     assert torch.isfinite(z_out).all() and torch.isfinite(clip_out).all() and z_out.std() > 0
 
