@@ -13,7 +13,6 @@ import importlib
 import ipaddress
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -21,12 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-from .. import limits
+from .. import cli, limits, options
 
 log = logging.getLogger("unidiffuser.server")
 
-DTYPES = ("bf16", "fp16", "fp32", "fp8")     # unidiffuser.checkpoints.DTYPES, without importing torch
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 API_KEY_ENV = "UNIDIFFUSER_API_KEY"
 
 
@@ -44,7 +41,7 @@ def parse_args(argv=None):
                    "a loopback address needs --api-key)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="network precision (default fp16 on CUDA, fp32 on CPU; "
+    p.add_argument("--dtype", choices=options.PRECISIONS, help="network precision (default fp16 on CUDA, fp32 on CPU; "
                    "fp8: Hopper or newer)")
     p.add_argument("--max-batch", type=int, default=8, help="most images in one model call (default 8)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the oldest waiting request waits "
@@ -81,14 +78,8 @@ def check_arguments(args) -> None:
         raise ValueError(f"--max-queue must be in 1..100000, got {args.max_queue}")
     if not 0 < args.request_timeout_s <= 86_400:
         raise ValueError(f"--request-timeout-s must be in (0, 86400], got {args.request_timeout_s}")
-    try:
-        limits.check_side("max-side", args.max_side)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
-    if args.device is not None and not DEVICE.fullmatch(args.device):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.dtype == "fp8" and args.device == "cpu":
-        raise ValueError("--dtype fp8 needs a CUDA GPU (Hopper or newer), not --device cpu")
+    limits.check_side("max_side", args.max_side)
+    options.check_syntax(args.device, args.dtype)      # the rules run.py and the API check too
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()
@@ -117,29 +108,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def resolve_device(requested: str | None) -> str:
-    import torch
-    if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device is available here (use --device cpu)")
-        index = int(requested.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return requested
-
-
 def load(state, args) -> None:
     """In a thread while /health answers 503: import torch, load, warm the default size; then
     this thread runs the model for the batcher until the process exits."""
     try:
-        device = resolve_device(args.device)
-        if device == "cpu" and args.dtype == "fp8":
-            raise ValueError("--dtype fp8 needs a CUDA GPU, and none is available here")
+        opts = options.resolve(args.device, args.dtype)     # the front door run.py and the API use
         from unidiffuser import UniDiffuser
         t0 = time.perf_counter()
-        pipe = UniDiffuser.load(args.model_dir, device=device, dtype=args.dtype)
+        pipe = UniDiffuser.from_options(args.model_dir, opts)
         t1 = time.perf_counter()
         state.status, state.reason = "warming", f"warming up {pipe.default_size}x{pipe.default_size}"
         # One tiny generation at the default size: the first request does not pay the kernels'
@@ -149,13 +125,13 @@ def load(state, args) -> None:
             pipe(["warm-up"] * b, seeds=list(range(b)), batch=b, steps=1)
         t2 = time.perf_counter()
         info = {"default_size": pipe.default_size, "dtype": pipe.precision, "backend": pipe.backend,
-                "device": device, "random_weights": pipe.random_weights}
-        log.info("ready: loaded in %.2f s, warmed up in %.2f s (%s, %s, %s%s)", t1 - t0, t2 - t1, device,
+                "device": opts.device, "random_weights": pipe.random_weights}
+        log.info("ready: loaded in %.2f s, warmed up in %.2f s (%s, %s, %s%s)", t1 - t0, t2 - t1, opts.device,
                  pipe.precision, f"{pipe.default_size}x{pipe.default_size}",
                  ", RANDOM weights" if pipe.random_weights else "")
         batcher = state.ready(pipe, info)
     except (ValueError, OSError) as e:
-        state.fail(str(e))
+        state.fail(e.render(cli.flag) if isinstance(e, limits.InputError) else str(e))
         return
     except Exception as e:            # noqa: BLE001 - said in one line, the traceback logged
         log.exception("loading failed")
