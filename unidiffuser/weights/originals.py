@@ -117,12 +117,14 @@ def download_originals(src: Path) -> Path:
             hf_hub_download(HUB_REPO, f, local_dir=src)
         snapshot_download(CLIP_REPO, local_dir=clip,
                           allow_patterns=list(CLIP_FILES))
-    except Exception as e:
+    except BaseException as e:   # stopped by a signal too: what it created goes
         for p in created:   # outermost first: removing src removes the rest
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists():
                 p.unlink()
+        if not isinstance(e, Exception):
+            raise
         raise CheckpointError(f"could not download the original weights ({type(e).__name__}: {e}).\n"
                               + placement_help(src) + "\nTo try the tool without weights: "
                               "python convert_weights.py --random tiny --out tiny") from None
