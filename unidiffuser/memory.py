@@ -24,6 +24,7 @@ square at batch 1 is 1920 on 24 GiB free and 2816 on 80 GiB.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from models.config import ModelConfig
@@ -114,15 +115,9 @@ def largest_square(fits, step: int = 16) -> int:
     return step * largest(MAX_SIDE // step, lambda n: fits(n * step))
 
 
-def check_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str, weight_bytes: int,
-               steps: int, device: str, graphs: bool, free: int | None = None, where: str | None = None) -> Estimate:
-    """Raise ValueError, saying what would fit, when the request needs more than the device has."""
-    if free is None:
-        free, where = available(device)
-    e = estimate(cfg, batch, height, width, dtype, weight_bytes, steps, graphs)
-    if e.total <= free:
-        return e
-
+def what_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str, weight_bytes: int,
+              steps: int, graphs: bool, free: int) -> str:
+    """The largest square at this batch, and the largest batch at this size, that fit in `free`."""
     def fits(n, h, w):
         return estimate(cfg, n, h, w, dtype, weight_bytes, steps, graphs).total <= free
 
@@ -131,7 +126,75 @@ def check_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str
     what = [f"at most {side}x{side} at this batch of {batch}" if side else f"no size at a batch of {batch}"]
     if n_fit:
         what.append(f"a batch of at most {n_fit} at {height}x{width}")
+    return " or ".join(what)
+
+
+def check_fits(cfg: ModelConfig, batch: int, height: int, width: int, dtype: str, weight_bytes: int,
+               steps: int, device: str, graphs: bool, free: int | None = None, where: str | None = None) -> Estimate:
+    """Raise ValueError, saying what would fit, when the request needs more than the device has."""
+    if free is None:
+        free, where = available(device)
+    e = estimate(cfg, batch, height, width, dtype, weight_bytes, steps, graphs)
+    if e.total <= free:
+        return e
     raise ValueError(
         f"--height {height} --width {width} with {batch} image(s) per batch needs about {e.total / GiB:.1f} GiB "
         f"(weights {e.weights / GiB:.1f}, UViT {e.uvit / GiB:.1f}, decoder {e.decoder / GiB:.1f}); "
-        f"{where} has {free / GiB:.1f} GiB free. What would fit: {' or '.join(what)}")
+        f"{where} has {free / GiB:.1f} GiB free. What would fit: "
+        + what_fits(cfg, batch, height, width, dtype, weight_bytes, steps, graphs, free))
+
+
+@dataclass
+class Budget:
+    """What one run's requests are checked against: the model, the run's dtype and device, and
+    the memory free when it was checked (check)."""
+    cfg: ModelConfig
+    dtype: str
+    weight_bytes: int
+    steps: int
+    device: str
+    graphs: bool
+    free: int | None = None
+    where: str | None = None
+
+    def check(self, batch: int, height: int, width: int) -> Estimate:
+        if self.free is None:
+            self.free, self.where = available(self.device)
+        return check_fits(self.cfg, batch, height, width, self.dtype, self.weight_bytes, self.steps, self.device,
+                          self.graphs, self.free, self.where)
+
+    def after_failure(self, batch: int, height: int, width: int) -> str:
+        """What to say when a request the estimate let through still ran out of memory: the estimate
+        was too low here, so what fits in half of what was free is suggested."""
+        e = estimate(self.cfg, batch, height, width, self.dtype, self.weight_bytes, self.steps, self.graphs)
+        free = self.free or 0
+        fits = what_fits(self.cfg, batch, height, width, self.dtype, self.weight_bytes, self.steps, self.graphs,
+                         free // 2 + e.weights // 2)
+        return (f"estimated {e.total / GiB:.1f} GiB of the {free / GiB:.1f} GiB free on {self.where}, too little here; "
+                f"what would fit with room to spare: {fits}")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: torch.OutOfMemoryError (CUDA), the CPU allocator's RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), or Python's MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text
+                                            or "Cannot allocate memory" in text)
+
+
+@contextmanager
+def explained(what: str, budget: Budget | None = None, batch: int = 0, height: int = 0, width: int = 0):
+    """An allocation failing inside the block carries what was being done (and, with a budget, what
+    would fit) for cli.run's one line (`unidiffuser_context`)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if out_of_memory(e) and not hasattr(e, "unidiffuser_context"):
+            hint = f"; {budget.after_failure(batch, height, width)}" if budget is not None and budget.free else ""
+            try:
+                e.unidiffuser_context = f"out of memory while {what}{hint}"
+            except AttributeError:
+                pass
+        raise
