@@ -142,7 +142,7 @@ def _owned_dir(tmp: Path, mode: int) -> Path:
     try:
         os.mkdir(tmp, mode)    # less the umask, as any new folder
     except BaseException:
-        lifecycle.disown(tmp)
+        lifecycle.remove(tmp)  # made, when a signal came just after
         raise
     return tmp
 
