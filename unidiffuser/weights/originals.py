@@ -5,7 +5,6 @@ pickled code runs) or safetensors; --download fetches them with huggingface_hub.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from models.config import ModelConfig
 
+from ..limits import JSONError, read_json
 from ..networks import CLIP_DIR, CLIP_FILES, CLIP_REPO, HUB_FILES, HUB_REPO, NAMES, NETWORKS, ORIGINALS, Part, build
 from .folders import RANDOM_MARK, CheckpointError, placement_help
 from .loading import check_state_dict
@@ -137,10 +137,13 @@ def download_originals(src: Path) -> Path:
 def clip_config_matches(clip_dir: Path, cfg: ModelConfig) -> None:
     path = Path(clip_dir) / "config.json"
     try:
-        c = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        c = read_json(path, 1 << 20)
+    except (OSError, JSONError) as e:
         raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
-    c = c.get("text_config", c)   # a CLIPModel config nests the text tower's fields
+    if isinstance(c, dict) and "text_config" in c:   # a CLIPModel config nests the text tower's fields
+        c = c["text_config"]
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: not a CLIP config (a JSON object of its fields)")
     want = cfg.text_encoder.clip_fields()
     diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
     if diff:
