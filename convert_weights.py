@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 from models.config import PRESETS
-from unidiffuser import cli
+from unidiffuser import cli, files, lifecycle
+from unidiffuser.networks import CLIP_DIR
 from unidiffuser.weights import folders
 
 log = logging.getLogger("unidiffuser")
@@ -66,6 +66,12 @@ def main(argv=None) -> int:
     random_src = args.src if args.random else None
     if not args.random and not args.download and args.src is None:
         raise ValueError("give --src with the original files, or --download, or --random\n" + folders.placement_help(src))
+    # What killed runs left where this one writes (before check_out: a model folder set aside by a
+    # swap that never finished is put back first).
+    lifecycle.sweep(args.out.parent)
+    if random_src is not None:
+        lifecycle.sweep(random_src)
+        lifecycle.sweep(random_src / CLIP_DIR)
     folders.check_out(args.out, args.overwrite, None if args.random and args.src is None else src)
     if random_src is not None:
         folders.check_random_src(random_src)
@@ -79,11 +85,18 @@ def main(argv=None) -> int:
     from unidiffuser.weights import convert, originals, random_weights
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="unidiffuser-random-") as scratch:
+    # --random without --src: a marked folder in the temporary directory, removed however this ends
+    scratch = files.temp_dir("random-originals") if args.random and args.src is None else None
+    try:
         if args.random:
-            src = args.src or Path(scratch)
+            src = args.src or scratch
+            new_src = not src.exists()
+            if new_src:     # half-written random originals are not left in a folder this run made
+                lifecycle.own(src, folder=True)
             log.info("writing random %s weights in the original layouts to %s", preset, src)
             random_weights.write_random_originals(src, preset, args.seed or 0)
+            if new_src:
+                lifecycle.disown(src)
         elif args.download:
             log.info("downloading the original files into %s", src)
             originals.download_originals(src)
@@ -103,6 +116,9 @@ def main(argv=None) -> int:
         out = convert.write_converted(args.out, cfg, networks, args.dtype, src / CLIP_DIR, caption_tokenizer_src=src / GPT2_DIR,
                                           random=random, overwrite=args.overwrite,
                                           src=None if args.random and args.src is None else src, extra=extra)
+    finally:
+        if scratch is not None:
+            lifecycle.remove(scratch)
     if args.trtllm:
         from unidiffuser.networks import NAMES
         log.info("wrote TensorRT-LLM checkpoints %s/trtllm/{%s}", out, ",".join(NAMES))

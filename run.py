@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import tempfile
 from pathlib import Path
 
-from unidiffuser import backends, cli, limits, memory, options
+from unidiffuser import backends, cli, lifecycle, limits, memory, options
 from unidiffuser.tasks import TASKS, check_backend
 
 log = logging.getLogger("unidiffuser")
@@ -60,7 +61,9 @@ def read_lines(path: Path, flag: str) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{flag} {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    # Lines end at \n, \r\n or \r only: str.splitlines also splits at form feeds and Unicode
+    # line/paragraph separators, which inside a line are part of it.
+    return [line.strip() for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
 
 
 def read_inputs(args) -> list:
@@ -135,16 +138,18 @@ def plan_outputs(inputs: list, args) -> list[tuple[object, int, list[Path]]]:
 
 
 def check_memory(model_dir: Path, device: str, dtype: str, batch: int, height: int | None, width: int | None,
-                 steps: int) -> None:
-    """Refuse a size or batch that cannot fit, from the manifest alone (no weights read)."""
+                 steps: int) -> memory.Budget:
+    """Refuse a size or batch that cannot fit, from the manifest alone (no weights read); the
+    budget it was checked against says what would fit if an allocation still fails."""
     from unidiffuser.weights.folders import read_manifest
     cfg, manifest = read_manifest(model_dir)
     stored = sum(e["bytes"] for e in manifest["files"].values() if "dtype" in e)
     weights = stored * memory.DTYPE_BYTES[dtype] // memory.DTYPE_BYTES[manifest["dtype"]]   # fp8: fp16 bound
     if not device.startswith("cuda"):
         weights += stored   # the state dicts are in memory while the networks load
-    memory.check_fits(cfg, batch, height or cfg.default_size, width or cfg.default_size, dtype, weights, steps,
-                      device, graphs=device.startswith("cuda") and dtype != "fp32")
+    budget = memory.Budget(cfg, dtype, weights, steps, device, graphs=device.startswith("cuda") and dtype != "fp32")
+    budget.check(batch, height or cfg.default_size, width or cfg.default_size)
+    return budget
 
 
 def main(argv=None) -> int:
@@ -158,6 +163,7 @@ def main(argv=None) -> int:
     check_networks(args.model_dir, args.task)
     check_writable(args.out)
     task = TASKS[args.task]
+    lifecycle.sweep(args.out)   # temporary files of runs that were killed (SIGKILL) while writing here
     if args.backend == "torch":   # the longest part of loading needs no torch: begin it now
         from unidiffuser.networks import NETWORKS
         from unidiffuser.weights import prefetch
@@ -172,24 +178,30 @@ def main(argv=None) -> int:
     # (README, "Several GPUs"); a single process gets all of them, n_samples (one input) per batch.
     layout = parallel.init_from_env(opts.device, cfg=args.scale != 0 and args.task == "t2i")
     opts = dataclasses.replace(opts, device=str(layout.device))
-    if args.backend == "torch":
-        check_memory(args.model_dir, opts.device, opts.precision, args.n_samples, args.height, args.width, args.steps)
-    batches = layout.batches(plan_outputs(inputs, args), args.n_samples)
-    if layout.writer and not args.overwrite:
-        taken = [p for batch in batches for _, _, files in batch for p in files if p.exists()]
-        if taken:
-            raise ValueError(f"--out {args.out}: {taken[0].name}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''} "
-                             "already exist(s); pass --overwrite to replace them, or choose another --out or --seed")
+    budget = None
+    with layout.together():   # under torchrun: if one rank refuses, every rank stops here (parallel.py)
+        if args.backend == "torch":
+            budget = check_memory(args.model_dir, opts.device, opts.precision, args.n_samples, args.height,
+                                  args.width, args.steps)
+        batches = layout.batches(plan_outputs(inputs, args), args.n_samples)
+        if layout.writer and not args.overwrite:
+            taken = [p for batch in batches for _, _, files in batch for p in files if p.exists()]
+            if taken:
+                raise ValueError(f"--out {args.out}: {taken[0].name}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''} "
+                                 "already exist(s); pass --overwrite to replace them, or choose another --out or --seed")
 
     from tqdm import tqdm
 
     from unidiffuser.api import UniDiffuser
-    pipe = UniDiffuser.from_options(args.model_dir, opts, cfg_pair=layout.cfg_pair)
+    with layout.together(), memory.explained("loading the networks"):
+        pipe = UniDiffuser.from_options(args.model_dir, opts, cfg_pair=layout.cfg_pair)
     for batch in batches:
         items, seeds, _ = zip(*batch)
         label = items[0] if isinstance(items[0], str) else getattr(items[0], "name", args.task)
+        h, w = args.height or pipe.default_size, args.width or pipe.default_size
         with tqdm(total=args.steps * len(task.modes), desc=f"{label[:40]!r}", unit="step", leave=False,
-                  disable=not layout.writer) as bar:
+                  disable=not layout.writer) as bar, \
+                memory.explained(f"generating {len(batch)} sample(s) of {h}x{w}", budget, len(batch), h, w):
             out = pipe.generate(args.task, None if task.input is None else list(items),
                                 n=len(batch) if task.input is None else 1, seeds=list(seeds), batch=len(batch),
                                 steps=args.steps, scale=args.scale, height=args.height, width=args.width,

@@ -9,11 +9,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from . import lifecycle
 
 
 def sha256(path: Path) -> str:
@@ -61,8 +61,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     try:
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        lifecycle.remove(tmp)
         raise write_failure(Path(path), e) from e
+    lifecycle.disown(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -94,28 +95,56 @@ def publish_together(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
                 if taken:
                     raise FileExistsError(errno.EEXIST, f"{taken[0]}: exists (written meanwhile by another run?); "
                                           "not replaced without --overwrite")
-            for tmp, target in pairs:
-                os.replace(tmp, target)
+            with lifecycle.deferred():    # SIGTERM here: after the last rename, never between two
+                for tmp, target in pairs:
+                    os.replace(tmp, target)
+                    lifecycle.disown(tmp)
     finally:
         for tmp, _ in pairs:
-            if tmp.exists():
-                tmp.unlink()
+            lifecycle.remove(tmp)
 
 
 def temp_beside(path: Path, write: Callable[[str], None]) -> Path:
-    """write(tmp) fills a hidden temporary file beside `path`; returns it (for publish_together)."""
+    """write(tmp) fills a hidden temporary file beside `path` (its name carries this process's
+    mark, lifecycle.marked); returns it (for publish_together). Until it is renamed into place it
+    is owned: a stopped run removes it on the way out, a killed one is swept by the next run."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    lifecycle.sweep_once(path.parent)
+    tmp = path.parent / lifecycle.marked(path.name, path.suffix)
+    lifecycle.own(tmp)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the file the usual mode
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())   # created 0600 (as mkstemp); give the file the usual mode
     except BaseException as e:
-        os.remove(tmp)
+        lifecycle.remove(tmp)
         if isinstance(e, Exception) and is_write_error(e) and not isinstance(e, WriteError):
             raise write_failure(path, e) from e
         raise
-    return Path(tmp)
+    return tmp
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A hidden, marked, owned temporary folder beside `path`, for a folder written complete
+    before it is renamed into place (lifecycle.remove it, or rename it and lifecycle.disown it)."""
+    path = Path(path)
+    lifecycle.sweep_once(path.parent)
+    return _owned_dir(path.parent / lifecycle.marked(path.name), 0o777)
+
+
+def temp_dir(name: str) -> Path:
+    """A private, marked, owned folder in the temporary directory (cli.run sweeps it there)."""
+    return _owned_dir(lifecycle.temp_root() / lifecycle.marked(name), 0o700)
+
+
+def _owned_dir(tmp: Path, mode: int) -> Path:
+    lifecycle.own(tmp, folder=True)
+    try:
+        os.mkdir(tmp, mode)    # less the umask, as any new folder
+    except BaseException:
+        lifecycle.remove(tmp)  # made, when a signal came just after
+        raise
+    return tmp
 
 
 def slug(text: str, n: int = 48) -> str:
@@ -158,6 +187,6 @@ def write_outputs(items: list[tuple[Path, list[tuple[Path, Callable[[str], None]
             pairs.append((temp_beside(json_path, lambda p: Path(p).write_text(text, encoding="utf-8")), json_path))
     except BaseException:
         for tmp, _ in pairs:
-            tmp.unlink(missing_ok=True)
+            lifecycle.remove(tmp)
         raise
     publish_together(pairs, overwrite)

@@ -7,7 +7,10 @@ spell each one as their flag (cli.run) and the API as its keyword.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import re
 import string
 from typing import Callable
 
@@ -73,3 +76,57 @@ def check_seeds(seeds, name: str = "seed") -> None:
                                  % name, s)
         if not 0 <= s < MAX_SEED:
             raise InputError(name, "{%s}: every image's seed must be an integer in [0, 2**64), got {0}" % name, s)
+
+
+# -- JSON from files we did not necessarily write ---------------------------------------------------
+
+MAX_JSON_DEPTH = 32     # the deepest JSON this project writes or reads is 3 levels (a safetensors header)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+class JSONError(ValueError):
+    """A JSON document that is too large, too deeply nested, or not JSON; the text says which."""
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of `text` nest (strings skipped), without parsing it:
+    json.loads recurses once per level, and a document of ten thousand '[' would end in a
+    RecursionError instead of an answer."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    if not brackets:
+        return 0
+    if len(brackets) < 1 << 16:
+        return max(itertools.accumulate(1 if c in "[{" else -1 for c in brackets))
+    import numpy as np
+    b = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    return int(np.cumsum(np.where((b == ord("[")) | (b == ord("{")), 1, -1)).max())
+
+
+def parse_json(data: bytes | str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON"):
+    """json.loads with limits: at most max_bytes, nested at most max_depth levels, strict UTF-8.
+    Raises JSONError with the reason (the caller names the file)."""
+    if len(data) > max_bytes:
+        raise JSONError(f"{what} of {len(data)} bytes, larger than the {max_bytes} it may have")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JSONError(f"{what} is not UTF-8 text ({e})") from None
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise JSONError(f"{what} nested {depth} levels deep, more than the {max_depth} it may have")
+    try:
+        return json.loads(data)
+    except RecursionError:   # not reached after the depth check; kept as the last guard
+        raise JSONError(f"{what} nested too deeply") from None
+    except ValueError as e:   # JSONDecodeError, an integer of too many digits
+        raise JSONError(f"{what} is not valid JSON ({e})") from None
+
+
+def read_json(path, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON"):
+    """parse_json of a file, read only up to max_bytes (+1, to tell a larger file). OSError when
+    it cannot be read; JSONError when its content is not acceptable."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    return parse_json(data, max_bytes, max_depth, what)

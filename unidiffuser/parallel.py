@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import socket
-import sys
-import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from . import lifecycle
+from .cli import Quiet
 
 TIMEOUT_ENV = "UNIDIFFUSER_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0     # longer than any rank's model loading or graph capture skew
@@ -121,6 +122,27 @@ class Layout:
         mine = [items[i] for i in self.share(len(items))]
         return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
+    @contextmanager
+    def together(self):
+        """A stretch of work (checks, loading) that every rank finishes or none goes past: at its
+        end the ranks tell each other whether it failed. If one did, the first failing rank
+        raises its own error (one line, cli.run) and every other rank raises `Quiet` (exit 2,
+        nothing printed): no rank carries on into a collective its partner never reaches."""
+        error = None
+        try:
+            yield
+        except Exception as e:    # Stopped and KeyboardInterrupt are not errors to agree on
+            error = e
+        failed = [self.rank] if error is not None else []
+        if self.world_size > 1:
+            said: list = [None] * self.world_size
+            dist.all_gather_object(said, None if error is None else type(error).__name__)
+            failed = [r for r, e in enumerate(said) if e is not None]
+        if failed and failed[0] == self.rank:
+            raise error
+        if failed:
+            raise Quiet(f"rank {failed[0]} failed") from error
+
     def describe(self) -> dict:
         """What the sidecar records."""
         return {"world_size": self.world_size, "rank": self.rank, "cfg_parallel": self.cfg_pair is not None}
@@ -169,9 +191,11 @@ def init_from_env(device: str | torch.device, cfg: bool = True) -> Layout:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: no CUDA device is available here (use --device cpu)")
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"--device cuda: rank {rank} has LOCAL_RANK {local_rank} but this node has "
-                             f"{torch.cuda.device_count()} CUDA device(s); give torchrun --nproc-per-node "
-                             f"{torch.cuda.device_count()} or fewer")
+            e = ValueError(f"--device cuda: rank {rank} has LOCAL_RANK {local_rank} but this node has "
+                           f"{torch.cuda.device_count()} CUDA device(s); give torchrun --nproc-per-node "
+                           f"{torch.cuda.device_count()} or fewer")
+            e.every_rank = True      # this rank's own error: printed though it is not the node's first (cli.speaks)
+            raise e
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)      # NCCL and the pipeline's streams and graphs use the current device
         backend, pair_backend = "cpu:gloo,cuda:nccl", "nccl"
@@ -180,10 +204,9 @@ def init_from_env(device: str | torch.device, cfg: bool = True) -> Layout:
     else:
         raise ValueError(f"--device {device}: expected cuda or cpu")
     timeout = datetime.timedelta(seconds=timeout_s())
-    if threading.current_thread() is threading.main_thread():
-        # When one rank fails, torchrun stops the others with SIGTERM: leave through Python, so
-        # that a file being written is removed rather than left half-written.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # When one rank fails, torchrun stops the others with SIGTERM: leave through Python, so that a
+    # file being written is removed rather than left half-written (cli.run installs it already).
+    lifecycle.install()
     dist.init_process_group(backend, timeout=timeout)
     # Which node each rank is on: torchrun's node rank, or the host name outside torchrun.
     nodes: list = [None] * world

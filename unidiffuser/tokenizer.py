@@ -28,6 +28,7 @@ import regex
 import torch
 
 from .files import atomic_write_text
+from .limits import JSONError, read_json
 
 log = logging.getLogger("unidiffuser")
 
@@ -39,6 +40,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # The BPE file has a header line, then merges; CLIP keeps the first 49152 - 256 - 2 of them so
 # that 256 bytes x 2 (with and without </w>) + merges + 2 special tokens = 49408 ids.
 NUM_MERGES = 49152 - 256 - 2
+MAX_FILE_BYTES = 16 << 20     # CLIP's vocab.json is 1.6 MB, merges.txt 0.5 MB
 
 # The original's added-token split: exact, case-sensitive matches of the special tokens.
 _SPECIAL_SPLIT = regex.compile("(" + "|".join(regex.escape(s) for s in SPECIALS) + ")")
@@ -94,12 +96,13 @@ def clean(text: str) -> str:
 
 def _read_vocab(path: Path) -> dict[str, int]:
     try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        vocab = read_json(path, MAX_FILE_BYTES)
+    except (OSError, JSONError) as e:
         raise ValueError(f"{path}: not a readable JSON vocabulary ({e})") from None
     if (not isinstance(vocab, dict) or len(vocab) != VOCAB_SIZE
-            or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items())):
-        raise ValueError(f"{path}: expected CLIP's vocabulary, a JSON object of {VOCAB_SIZE} token -> id entries")
+            or not all(isinstance(k, str) and type(v) is int and 0 <= v < VOCAB_SIZE for k, v in vocab.items())):
+        raise ValueError(f"{path}: expected CLIP's vocabulary, a JSON object of {VOCAB_SIZE} token -> id entries, "
+                         f"ids in 0..{VOCAB_SIZE - 1}")
     if {s: vocab.get(s) for s in SPECIALS} != SPECIALS:
         raise ValueError(f"{path}: expected <|startoftext|> = {START} and <|endoftext|> = {END}")
     return vocab
@@ -107,8 +110,10 @@ def _read_vocab(path: Path) -> dict[str, int]:
 
 def _read_merges(path: Path) -> dict[tuple[str, str], int]:
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than the {MAX_FILE_BYTES} it may have")
         lines = path.read_text(encoding="utf-8").strip().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable merge list ({e})") from None
     # like the original: skip the header line, keep the first NUM_MERGES
     merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]

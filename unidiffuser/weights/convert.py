@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from safetensors.torch import save_file
 
 from models.config import ModelConfig
 
-from .. import tokenizer
-from ..files import atomic_write, atomic_write_text, current_umask, write_failure
+from .. import lifecycle, tokenizer
+from ..files import atomic_write, atomic_write_text, current_umask, temp_dir_beside, write_failure
 from ..networks import NETWORKS
 from . import folders
 from .folders import sha256
@@ -32,7 +31,7 @@ def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[
     out = Path(out)
     folders.check_out(out, overwrite, src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = temp_dir_beside(out)     # marked: a killed run's is swept by the next (lifecycle.py)
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
         files = {}
@@ -57,8 +56,7 @@ def write_converted(out: Path, cfg: ModelConfig, networks: dict[str, tuple[dict[
             extra(tmp)
         swap_in(tmp, out, overwrite, src)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        lifecycle.remove(tmp)     # swapped in: nothing left to remove
     return out
 
 
@@ -79,16 +77,23 @@ def copy_files(src: Path | None, dst: Path, names, required: bool = False) -> bo
 
 def swap_in(tmp: Path, out: Path, overwrite: bool, src: Path | None) -> None:
     folders.check_out(out, overwrite, src)   # again: the folder may have changed while converting
-    if not out.exists() or not any(out.iterdir()):
-        os.replace(tmp, out)                 # a missing or empty folder: one rename
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old, out)
-        raise
+    # A signal waits until both renames are done; after SIGKILL between them, the next run's sweep
+    # puts the old folder (".OUT.unidiffuser-old-...") back in its place.
+    with lifecycle.deferred():
+        if not out.exists() or not any(out.iterdir()):
+            os.replace(tmp, out)                 # a missing or empty folder: one rename
+            lifecycle.disown(tmp)
+            return
+        old = out.parent / lifecycle.marked(out.name, kind="old")
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        lifecycle.disown(tmp)
+        lifecycle.own(old, folder=True)
     shutil.rmtree(old)
+    lifecycle.disown(old)
 
 

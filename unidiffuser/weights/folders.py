@@ -12,13 +12,14 @@ so they go with them). Never ".", "/", the home folder, --src or a folder contai
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from pathlib import Path
 
 from models.config import ModelConfig
 
 from ..files import sha256
+from ..limits import MAX_SIDE, JSONError, read_json
 from ..networks import HUB_FILES, HUB_FOLDERS, HUB_REPO, NAMES, NETWORKS, ORIGINALS
 
 MARKER, VERSION = "unidiffuser-model-folder", 2
@@ -32,6 +33,11 @@ DERIVED = {f"trtllm/{n}/{f}" for n in NAMES for f in ("config.json", "rank0.safe
 # What --random writes in the original layouts (weights/random.py).
 RANDOM_MARK = "RANDOM_WEIGHTS"
 DTYPES = ("fp32", "fp16", "bf16")    # what a model folder may store
+MAX_MANIFEST_BYTES = MAX_CONFIG_BYTES = 1 << 20    # a v1 manifest is 1.5 KB, its config.json 0.8 KB
+# What the networks' inputs are made of, fixed by the tokenizer (tokenizer.MAX_LENGTH, VOCAB_SIZE;
+# not imported: tokenizer.py imports torch) and by the text encoder (models/text_encoder.ACTIVATIONS).
+TEXT_TOKENS, VOCAB_SIZE = 77, 49408
+ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 class CheckpointError(ValueError):
@@ -66,11 +72,11 @@ def read_manifest_json(model_dir: Path) -> dict:
     path = Path(model_dir) / MANIFEST
     hint = "make the folder with convert_weights.py"
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        m = read_json(path, MAX_MANIFEST_BYTES)
     except OSError as e:
         raise ValueError(f"{path}: missing or unreadable ({e.strerror or e}); not a converted model folder, {hint}") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); {hint}") from None
+    except JSONError as e:
+        raise ValueError(f"{path}: {e}; {hint}") from None
     if not isinstance(m, dict) or m.get("format") != MARKER:
         old = isinstance(m, dict) and m.get("format") == 1
         raise ValueError(f"{path}: " + ("written by an older convert_weights.py (format 1: tokenizer/ and config.json "
@@ -86,7 +92,7 @@ def read_manifest_json(model_dir: Path) -> dict:
     for name, entry in files.items():
         if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64
                 or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool)
-                or Path(name).is_absolute() or ".." in Path(name).parts):
+                or entry["bytes"] < 0 or not name or Path(name).is_absolute() or ".." in Path(name).parts):
             raise ValueError(f"{path}: entry {name!r} is not {{\"sha256\": 64 hex digits, \"bytes\": integer}} "
                              "of a file inside the folder; re-run convert_weights.py")
     missing = [f for f in REQUIRED if f not in files]
@@ -95,6 +101,10 @@ def read_manifest_json(model_dir: Path) -> dict:
     if not isinstance(m.get("random_weights"), bool) or m.get("dtype") not in DTYPES:
         raise ValueError(f"{path}: \"random_weights\" must be true/false and \"dtype\" fp32/fp16/bf16; "
                          "re-run convert_weights.py")
+    for name in (NETWORKS[n].file for n in NAMES):   # the loader holds every tensor to this dtype
+        if files[name].get("dtype") != m["dtype"]:
+            raise ValueError(f"{path}: entry {name!r} has \"dtype\" {files[name].get('dtype')!r}, the folder's is "
+                             f"{m['dtype']!r}; re-run convert_weights.py")
     return m
 
 
@@ -191,6 +201,9 @@ def check_download_src(src: Path) -> None:
                          f"would replace them. Convert them with --src {src} (without --download), or give an empty folder")
 
 
+MAX_INT = 1 << 20    # no field of a buildable network is larger (v1's largest: vocab_size 49408)
+
+
 def check_config_types(cfg: ModelConfig, path: Path) -> None:
     """Each field has its default's type (a hand-edited "1536" fails here, not deep in torch)."""
     for net in (n.name for n in dataclasses.fields(cfg)):
@@ -200,14 +213,14 @@ def check_config_types(cfg: ModelConfig, path: Path) -> None:
             if isinstance(d, bool) or isinstance(d, str):
                 ok = type(v) is type(d)
             elif isinstance(d, int):
-                ok = type(v) is int and v > 0
+                ok = type(v) is int and 0 < v <= MAX_INT
             elif isinstance(d, float):
-                ok = type(v) in (int, float) and v > 0
+                ok = type(v) in (int, float) and 0 < v < math.inf
             else:   # tuple of positive ints
-                ok = isinstance(v, tuple) and len(v) > 0 and all(type(x) is int and x > 0 for x in v)
+                ok = isinstance(v, tuple) and 0 < len(v) <= 8 and all(type(x) is int and 0 < x <= MAX_INT for x in v)
             if not ok:
-                want = {bool: "true/false", str: "a string", int: "a positive integer",
-                        float: "a positive number"}.get(type(d), "a list of positive integers")
+                want = {bool: "true/false", str: "a string", int: f"a positive integer of at most {MAX_INT}",
+                        float: "a positive finite number"}.get(type(d), f"a list of 1 to 8 positive integers")
                 raise CheckpointError(f"{path}: {net}.{f.name} must be {want}, got {v!r}; "
                                       "re-run convert_weights.py")
 
@@ -223,11 +236,55 @@ def read_manifest(model_dir: Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(str(e)) from None
     path = model_dir / "config.json"
     try:
-        cfg = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        cfg = ModelConfig.from_dict(read_json(path, MAX_CONFIG_BYTES))
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: missing or unreadable ({e}); re-run convert_weights.py") from None
     check_config_types(cfg, path)
+    check_config_values(cfg, path)
     return cfg, manifest
+
+
+def check_config_values(cfg: ModelConfig, path: Path) -> None:
+    """The fields fit together into networks that can be built and run: what would otherwise fail
+    deep in torch (a head size that is not whole, a GroupNorm over channels its groups do not
+    divide, text tokens the tokenizer does not make) is one line naming config.json and the field."""
+    u, t, v = cfg.uvit, cfg.text_encoder, cfg.vae_decoder
+    channels = sorted({v.ch * m for m in v.ch_mult})
+    rules = [
+        ("uvit.embed_dim", u.embed_dim % u.num_heads == 0,
+         f"must be a multiple of uvit.num_heads ({u.num_heads}), got {u.embed_dim}"),
+        ("uvit.patch_size", u.img_size % u.patch_size == 0,
+         f"must divide uvit.img_size ({u.img_size}), got {u.patch_size}"),
+        ("uvit.depth", u.depth <= 256, f"must be at most 256, got {u.depth}"),
+        ("uvit.num_text_tokens", u.num_text_tokens == TEXT_TOKENS,
+         f"must be {TEXT_TOKENS} (the tokenizer's length), got {u.num_text_tokens}"),
+        ("uvit.text_dim", u.text_dim == t.prefix_dim,
+         f"must equal text_encoder.prefix_dim ({t.prefix_dim}, the text features it reads), got {u.text_dim}"),
+        ("uvit.in_chans", u.in_chans == v.embed_dim,
+         f"must equal vae_decoder.embed_dim ({v.embed_dim}, the latent's channels), got {u.in_chans}"),
+        ("text_encoder.hidden_size", t.hidden_size % t.num_attention_heads == 0,
+         f"must be a multiple of text_encoder.num_attention_heads ({t.num_attention_heads}), got {t.hidden_size}"),
+        ("text_encoder.num_hidden_layers", t.num_hidden_layers <= 256, f"must be at most 256, got {t.num_hidden_layers}"),
+        ("text_encoder.max_position_embeddings", t.max_position_embeddings >= TEXT_TOKENS,
+         f"must be at least {TEXT_TOKENS} (the tokenizer's length), got {t.max_position_embeddings}"),
+        ("text_encoder.vocab_size", t.vocab_size >= VOCAB_SIZE,
+         f"must be at least {VOCAB_SIZE} (the tokenizer's ids), got {t.vocab_size}"),
+        ("text_encoder.hidden_act", t.hidden_act in ACTIVATIONS,
+         f"must be one of {', '.join(ACTIVATIONS)}, got {t.hidden_act!r}"),
+        ("vae_decoder.num_groups", all(c % v.num_groups == 0 for c in channels),
+         f"must divide every level's channels (vae_decoder.ch x ch_mult: {channels}), got {v.num_groups}"),
+        ("vae_decoder.num_res_blocks", v.num_res_blocks <= 64, f"must be at most 64, got {v.num_res_blocks}"),
+        ("vae_decoder.out_ch", v.out_ch == 3, f"must be 3 (RGB images), got {v.out_ch}"),
+        ("vae_decoder.ch_mult", 16 % (v.downsample * u.patch_size) == 0,
+         f"has {len(v.ch_mult)} levels (a {v.downsample}x latent) and uvit.patch_size is {u.patch_size}: image sides "
+         f"would have to be multiples of {v.downsample * u.patch_size}, and they are multiples of 16"),
+        ("uvit.img_size", cfg.default_size <= MAX_SIDE and cfg.default_size % 16 == 0,
+         f"times the decoder's {v.downsample}x makes a default image side of {cfg.default_size}, which must be a "
+         f"multiple of 16 of at most {MAX_SIDE}"),
+    ]
+    for field, ok, why in rules:
+        if not ok:
+            raise CheckpointError(f"{path}: {field} {why}; re-run convert_weights.py")
 
 
 def verify_small_files(model_dir: Path, manifest: dict) -> None:

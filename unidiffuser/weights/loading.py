@@ -7,7 +7,6 @@ device name for name and shape. Tensors come from safetensors' format read in pl
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import mmap
@@ -18,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..limits import JSONError, parse_json
 from ..networks import NAMES, NETWORKS, build
 from . import prefetch
 from .folders import CheckpointError, few
@@ -28,6 +28,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000    # safetensors' own limit
 
 
 def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, hint: str = "",
@@ -105,7 +107,9 @@ def _load_checked(model_dir: Path, name: str, manifest: dict, verify: bool, devi
     if not verify:
         digest = None
     try:
-        sd = _cast_all(tensors_from_bytes(data, str(path)), device, dtype)
+        stored = tensors_from_bytes(data, str(path))
+        check_dtypes(stored, entry.get("dtype") or manifest.get("dtype"), path)
+        sd = _cast_all(stored, device, dtype)
     except CheckpointError:
         if digest is not None and digest.result() != entry["sha256"]:
             raise _sha_mismatch(path) from None
@@ -118,6 +122,19 @@ def _load_checked(model_dir: Path, name: str, manifest: dict, verify: bool, devi
         return sd
 
     return finish
+
+
+def check_dtypes(sd: dict[str, torch.Tensor], dtype: str | None, path: Path) -> None:
+    """Every tensor in the dtype the manifest declares (convert_weights.py stores them all in it):
+    a tensor in another float dtype, or an integer one where a weight belongs, is refused here."""
+    want = DTYPES.get(dtype)
+    if want is None:
+        raise CheckpointError(f"{path}: manifest.json declares no stored dtype of fp32/fp16/bf16 for it "
+                              "(re-run convert_weights.py)")
+    wrong = [f"{k} ({SAFETENSORS_NAMES.get(t.dtype, t.dtype)})" for k, t in sd.items() if t.dtype != want]
+    if wrong:
+        raise CheckpointError(f"{path}: tensor {few(sorted(wrong), 3)} not stored as {dtype} "
+                              f"({SAFETENSORS_NAMES[want]}), the dtype manifest.json declares; re-run convert_weights.py")
 
 
 def _sha_mismatch(path: Path) -> CheckpointError:
@@ -158,10 +175,12 @@ def tensors_from_bytes(data: bytearray, source: str) -> dict[str, torch.Tensor]:
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
         raise bad("header length beyond the end of the file")
+    if n > MAX_HEADER_BYTES:
+        raise bad(f"header of {n} bytes, more than the {MAX_HEADER_BYTES} safetensors allows")
     try:
-        header = json.loads(bytes(data[8:8 + n]))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"header is not JSON: {e}") from None
+        header = parse_json(bytes(data[8:8 + n]), MAX_HEADER_BYTES, what="header")
+    except JSONError as e:
+        raise bad(str(e)) from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     start, size = 8 + n, len(data) - 8 - n
@@ -171,8 +190,10 @@ def tensors_from_bytes(data: bytearray, source: str) -> dict[str, torch.Tensor]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
+            if not isinstance(info["shape"], list) or not all(type(d) is int for d in info["shape"] + info["data_offsets"]):
+                raise TypeError("shape and data_offsets must be lists of integers")
+            shape = info["shape"]
+            begin, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"entry {name!r} has a bad or unsupported dtype/shape/data_offsets ({e!r})") from None
         numel = math.prod(shape)

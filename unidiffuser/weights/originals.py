@@ -5,7 +5,6 @@ pickled code runs) or safetensors; --download fetches them with huggingface_hub.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from models.config import ModelConfig
 
+from ..limits import JSONError, read_json
 from ..networks import ALL, CLIP_DIR, CLIP_IMAGE_DIR, HUB_FILES, HUB_FOLDERS, HUB_REPO, NAMES, NETWORKS, ORIGINALS, Part, build
 from .folders import RANDOM_MARK, CheckpointError, placement_help
 from .loading import check_state_dict
@@ -135,12 +135,14 @@ def download_originals(src: Path) -> Path:
             hf_hub_download(HUB_REPO, f, local_dir=src)
         for folder, repo, files in HUB_FOLDERS:
             snapshot_download(repo, local_dir=src / folder, allow_patterns=list(files))
-    except Exception as e:
+    except BaseException as e:   # stopped by a signal too: what it created goes
         for p in created:   # outermost first: removing src removes the rest
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists():
                 p.unlink()
+        if not isinstance(e, Exception):
+            raise
         raise CheckpointError(f"could not download the original weights ({type(e).__name__}: {e}).\n"
                               + placement_help(src) + "\nTo try the tool without weights: "
                               "python convert_weights.py --random tiny --out tiny") from None
@@ -159,8 +161,8 @@ def clip_config_matches(src: Path, cfg: ModelConfig) -> None:
         if folder != CLIP_DIR and not path.is_file():
             continue   # an optional tower: read_originals says it is absent
         try:
-            c = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            c = read_json(path, 1 << 20)
+        except (OSError, JSONError) as e:
             raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
         c = c.get(key, c) if isinstance(c, dict) else {}
         diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
