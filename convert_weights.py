@@ -15,7 +15,7 @@ from pathlib import Path
 
 from models.config import PRESETS
 from unidiffuser import cli, files, lifecycle
-from unidiffuser.networks import CLIP_DIR
+from unidiffuser.networks import CLIP_DIR, GPT2_DIR
 from unidiffuser.weights import folders
 
 log = logging.getLogger("unidiffuser")
@@ -81,7 +81,6 @@ def main(argv=None) -> int:
         raise ValueError(f"--src {args.src}: folder not found\n" + folders.placement_help(src))
 
     # torch, transformers: after the checks above
-    from unidiffuser.networks import CLIP_DIR, GPT2_DIR
     from unidiffuser.weights import convert, originals, random_weights
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
