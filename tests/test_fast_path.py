@@ -193,4 +193,7 @@ def test_fp8_image_against_fp32(nets, fp8_backend, tmp_path):
     want = Pipeline(ref, CFG, tok)(req).images.int()
     d = (got - want).abs().float()
     print(f"fp8 final image vs fp32: max {d.max():.0f} levels, mean {d.mean():.2f}")
-    assert got.shape == want.shape and d.mean() < 16
+    # The bound comes from the error's distribution over seeds, not from one run: per image the mean
+    # |levels| was 13.95 +- 2.26 (8 seeds, max 17.8; docs/calibrate_gpu_bounds.py, H200 2026-12-02,
+    # docs/h200-2026-12-02/calibrate-h200.log). The mean of these 2 images: 13.95 + 4 x 2.26 / sqrt(2) = 20.3.
+    assert got.shape == want.shape and d.mean() < 21

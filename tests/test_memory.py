@@ -22,6 +22,7 @@ MEASURE = r'''
 import ctypes, json, sys
 import torch
 from unidiffuser import UniDiffuser
+from unidiffuser.tasks import MODES
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -40,7 +41,8 @@ for kind, b, h, w, steps in json.loads(sys.argv[2]):
     base = reset()
     if kind == "noise":                              # what a request allocates before sampling
         f = pipe.pipeline.cfg.vae_decoder.downsample
-        kept = pipe.pipeline.initial_noise(list(range(b)), steps, h // f, w // f)
+        gens = [torch.Generator().manual_seed(s) for s in range(b)]
+        kept = pipe.pipeline.initial_noise(MODES["t2i"], gens, steps, pipe.pipeline.shapes(h // f, w // f))
     else:
         kept = pipe("x", n=b, steps=steps, height=h, width=w)
     print(json.dumps({"kind": kind, "b": b, "h": h, "w": w, "steps": steps,
@@ -125,7 +127,7 @@ def test_allocation_failure_is_one_line_and_nothing_is_written(model, tmp_path, 
     if stage == "loading":
         monkeypatch.setattr(UniDiffuser, "from_options", classmethod(lambda cls, *a, **k: fail()))
     else:
-        monkeypatch.setattr(UniDiffuser, "__call__", fail)
+        monkeypatch.setattr(UniDiffuser, "generate", fail)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         cli.run(lambda: run.main(["--prompt", "x", "--model-dir", str(model), "--out", str(out), "--steps", "1",
@@ -137,7 +139,7 @@ def test_allocation_failure_is_one_line_and_nothing_is_written(model, tmp_path, 
     if stage == "loading":
         assert "out of memory while loading the networks" in lines[0]
     else:
-        assert "out of memory while generating 2 image(s) of 64x64" in lines[0]
+        assert "out of memory while generating 2 sample(s) of 64x64" in lines[0]
         assert "what would fit" in lines[0] and "RAM" in lines[0]
     assert not out.exists() or os.listdir(out) == []
 

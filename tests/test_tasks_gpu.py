@@ -1,9 +1,14 @@
 """Every task's CUDA fast path (fp16, CUDA graphs, batched rows) against the fp32 reference, at
 the real v1 shapes (random weights), from the same seeds and so the same noise.
 
-Bounds: images within a few levels of fp32 as t2i (tests/test_fast_path.py); text latents, which
-the caption decoder reads, within 5e-2 relative L2. Random weights make captions near-ties, so the
-tokens are reported, not required equal (tests/test_caption_decoder.py checks the beam search)."""
+Bounds come from how the error is distributed over seeds (docs/calibrate_gpu_bounds.py, 8 seeds
+on an H200, docs/h200-2026-12-02/calibrate-h200.log): per sample mean +- std, and for the mean of
+the 2 samples here mean + 4 std / sqrt(2), rounded up. Per sample: joint image 3.32 +- 0.63 levels,
+text latent 0.034 +- 0.006; t2i2t text 0.052 +- 0.003; i2t text 0.007 +- 0.001; i2t2i image
+2.04 +- 0.42 levels. i and t (no guidance, so smaller errors) were not part of that run: their
+bounds (2 levels, 5e-2) are the ones their first run met; they are not derived from a distribution. Random
+weights make captions near-ties, so the tokens are reported, not required equal
+(tests/test_caption_decoder.py checks the beam search)."""
 import numpy as np
 import pytest
 import torch
@@ -21,6 +26,8 @@ from unidiffuser.weights import random_weights
 
 pytestmark = pytest.mark.gpu
 CFG = PRESETS["v1"]
+IMAGE_LEVELS = {"joint": 5.5, "i2t2i": 3.3, "i": 2.0}          # mean |levels| of the 2 samples
+TEXT_REL = {"joint": 0.052, "t2i2t": 0.061, "i2t": 0.011, "t": 0.05}   # relative L2 of the text latents
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,7 @@ def test_task_fast_path_against_fp32(pipes, task, capsys):
     if "image" in TASKS[task].outputs:
         diff = (got.images.int() - want.images.int()).abs().float()
         print(f"{task}: image max {diff.max().item():.0f} levels, mean {diff.mean().item():.2f}; state rel {rel:.2e}")
-        assert diff.mean() < 2.0
+        assert diff.mean() < IMAGE_LEVELS[task]
     if "text" in TASKS[task].outputs:
         shapes = ref.shapes(64, 64)
         t_ref = split(x_ref, MODES[last].state, shapes)[TEXT][0]
@@ -79,5 +86,5 @@ def test_task_fast_path_against_fp32(pipes, task, capsys):
         t_rel = ((t_fast - t_ref).norm() / t_ref.norm()).item()
         same = sum(a == b for a, b in zip(got.texts, want.texts))
         print(f"{task}: text latent rel {t_rel:.2e}; {same}/{len(want.texts)} captions identical")
-        assert t_rel < 5e-2
+        assert t_rel < TEXT_REL[task]
         assert all(isinstance(t, str) for t in got.texts)

@@ -81,6 +81,8 @@ def run(main: Callable[[], int], flags: dict[str, str] | None = None) -> NoRetur
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
+            if "pytest" in sys.modules:   # a test calling a command in-process: end the call, not the test run
+                sys.exit(code or 0)
             os._exit(code or 0)
         except lifecycle.Stopped:
             raise
