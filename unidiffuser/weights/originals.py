@@ -164,7 +164,9 @@ def clip_config_matches(src: Path, cfg: ModelConfig) -> None:
             c = read_json(path, 1 << 20)
         except (OSError, JSONError) as e:
             raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
-        c = c.get(key, c) if isinstance(c, dict) else {}
+        c = c.get(key, c) if isinstance(c, dict) else c    # a CLIPModel config nests each tower's fields
+        if not isinstance(c, dict):
+            raise CheckpointError(f"{path}: not a CLIP config (a JSON object of its fields)")
         diff = {k: (c.get(k), v) for k, v in want.items() if k in c and c[k] != v}
         if diff:
             raise CheckpointError(f"{path}: {key.split('_')[0]} config differs from the preset: "
