@@ -27,6 +27,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """A model folder of random tiny weights, written by convert_weights.py as a user would."""
+    import subprocess
+    base = tmp_path_factory.mktemp("tiny")
+    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--random", "tiny", "--out", base / "model"],
+                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return base / "model"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env
+from conftest import child_env, tiny_model_folder
 
 from models.config import PRESETS
 from unidiffuser import cli, memory
@@ -57,11 +57,7 @@ GRID = [("request", 1, 64, 64, 2), ("request", 16, 64, 64, 2), ("request", 2, 12
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--random", "tiny", "--out", base / "model"],
-                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    return base / "model"
+    return tiny_model_folder(tmp_path_factory)
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import child_env, tiny_model_folder
 from PIL import Image
 
 from unidiffuser import cli, files, lifecycle
@@ -107,11 +107,7 @@ def whole_pairs(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--random", "tiny", "--out", base / "model"],
-                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    return base / "model"
+    return tiny_model_folder(tmp_path_factory)
 
 
 # -- run.py -------------------------------------------------------------------------------------

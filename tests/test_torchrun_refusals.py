@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import child_env, tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--prompt", "x", "--n-samples", 2, "--steps", 2, "--height", 32, "--width", 32, "--device", "cpu"]
@@ -46,11 +46,7 @@ def refused_once(r, *names):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--random", "tiny", "--out", base / "model"],
-                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    return base / "model"
+    return tiny_model_folder(tmp_path_factory)
 
 
 # 3 ranks (a pair and a lone rank): one rank still ends by SIGABRT in gloo's teardown, not through
