@@ -55,6 +55,20 @@ def speaks(e: BaseException | None = None) -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+_flags: dict[str, str] | None = None   # the running command's (run)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line run prints for an input error."""
+    return "error: " + (e.render(lambda name: flag(name, _flags)) if isinstance(e, InputError) else str(e))
+
+
+def say(e: BaseException) -> None:
+    """Print e's line now (under torchrun, before the ranks leave together); run then prints nothing."""
+    print(error_line(e), file=sys.stderr, flush=True)
+    e.said = True
+
+
 def _leave(code: int, line: str | None = None) -> NoReturn:
     """Remove what this process still owns, print `line`, and exit with `code` (SystemExit, so
     that a caller in the same process, such as a test, sees the code)."""
@@ -67,6 +81,8 @@ def _leave(code: int, line: str | None = None) -> NoReturn:
 
 
 def run(main: Callable[[], int], flags: dict[str, str] | None = None) -> NoReturn:
+    global _flags
+    _flags = flags
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     lifecycle.install()
     try:
@@ -89,8 +105,7 @@ def run(main: Callable[[], int], flags: dict[str, str] | None = None) -> NoRetur
         except Quiet:
             _leave(2)
         except (ValueError, OSError) as e:
-            text = e.render(lambda name: flag(name, flags)) if isinstance(e, InputError) else str(e)
-            _leave(2, f"error: {text}" if speaks(e) else None)
+            _leave(2, error_line(e) if speaks(e) and not getattr(e, "said", False) else None)
         except (MemoryError, RuntimeError) as e:
             from .memory import out_of_memory
             if not out_of_memory(e):

@@ -138,6 +138,13 @@ class Layout:
             said: list = [None] * self.world_size
             dist.all_gather_object(said, None if error is None else type(error).__name__)
             failed = [r for r, e in enumerate(said) if e is not None]
+            if failed:   # leave together: a gloo rank whose peer vanished mid-connection aborts (SIGABRT)
+                if failed[0] == self.rank and isinstance(error, (ValueError, OSError)):
+                    from .cli import say
+                    say(error)      # before the others may exit: torchrun then stops every rank
+                dist.barrier()
+                if self.device.type != "cuda":
+                    dist.destroy_process_group()
         if failed and failed[0] == self.rank:
             raise error
         if failed:
