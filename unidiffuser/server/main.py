@@ -82,9 +82,9 @@ def check_arguments(args) -> None:
     if not 0 < args.request_timeout_s <= 86_400:
         raise ValueError(f"--request-timeout-s must be in (0, 86400], got {args.request_timeout_s}")
     try:
-        limits.check_side("max-side", args.max_side)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+        limits.check_side("max_side", args.max_side)
+    except limits.InputError as e:      # the message names the flag, as the other commands' do
+        raise ValueError(e.render(lambda name: "--" + name.replace("_", "-"))) from None
     if args.device is not None and not DEVICE.fullmatch(args.device):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.dtype == "fp8" and args.device == "cpu":
