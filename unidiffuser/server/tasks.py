@@ -100,6 +100,6 @@ def require(name: str, available: dict[str, Task] | None = None, param: str | No
     here = ", ".join(sorted(available))
     if name in KNOWN:
         raise APIError(status, f"task {name} ({KNOWN[name]}) is not available on this server (it runs: {here}; "
-                       "a model folder converted before the image and caption networks runs t2i only, and "
+                       "a model folder converted before the image and caption networks runs t2i and i only, and "
                        "serve.py --tasks may leave tasks out)", param, "task_not_available")
     raise APIError(400, f"task must be one of {', '.join(KNOWN)}, got {name!r}", param, "invalid_value")
