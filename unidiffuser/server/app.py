@@ -17,8 +17,8 @@ progress and the web page.
     GET  /                        the web page (static files under /static, served from here)
 
 Nothing in a request names a server path: the model is loaded once at start, outputs are
-answered inline (no files are written), an uploaded image is read from memory, the page's files
-are fixed.
+answered inline (no files are written), an uploaded image is kept in memory (a large part passes
+through a temporary file while the body is parsed), the page's files are fixed.
 """
 from __future__ import annotations
 
