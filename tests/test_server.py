@@ -1,8 +1,13 @@
 """The image server (serve.py, unidiffuser/server/) on the CPU with the tiny preset, started as a
-subprocess on a free port: the official openai client, pixels equal to run.py's, dynamic
-batching under 32 concurrent requests through a queue of 8, errors in OpenAI's shape for every
-kind of bad request, disconnects and timeouts, the API key, SIGTERM draining, the web page in a
-real browser (headless Chromium), and the benchmark script."""
+subprocess on a free port: the official openai client, outputs equal to run.py's for every task
+(images, texts), dynamic batching under 32 concurrent requests through a queue of 8 and of image
+uploads, errors in OpenAI's shape for every kind of bad request and upload, disconnects and
+timeouts, the API key, SIGTERM draining, the web page in a real browser (headless Chromium), and
+the benchmark script.
+
+The server and run.py run torch on one thread (OMP_NUM_THREADS=1): the tiny networks are
+thousands of small operations (the caption decoder's beam search most), and two threads waiting
+for each other at every one took 40 times longer on a 2-core machine (conftest.one_thread)."""
 from __future__ import annotations
 
 import base64
@@ -24,7 +29,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import child_env
+import requests
+from conftest import child_env, copy_without_task_networks, input_images
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (requirements.txt)")
@@ -34,6 +40,11 @@ openai = pytest.importorskip("openai", reason="the server tests use the official
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
 SMALL = {"size": "64x64", "num_inference_steps": 2}
+ALL_TASKS = ["t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t"]
+
+
+def env() -> dict:
+    return child_env(OMP_NUM_THREADS="1")
 
 
 # ---- a server in a subprocess -----------------------------------------------------------------
@@ -43,7 +54,7 @@ class Server:
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model-dir", str(model), "--port", "0",
                                       "--device", "cpu", *map(str, args)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=child_env(), cwd=ROOT)
+                                     env=env(), cwd=ROOT)
         self.url = self._wait(ready)
         self.port = urlsplit(self.url).port
 
@@ -68,6 +79,14 @@ class Server:
 
     def call(self, method, path, body=None, headers=None, timeout=120):
         return call(self.url, method, path, body, headers, timeout)
+
+    def post_form(self, path, image=None, fields=None, headers=None, files=None, timeout=120):
+        """A multipart request (requests): image is (filename, bytes) or a Path."""
+        if isinstance(image, Path):
+            image = (image.name, image.read_bytes())
+        files = {**({"image": image} if image is not None else {}), **(files or {})}
+        return requests.post(self.url + path, files=files or None, data={k: str(v) for k, v in (fields or {}).items()},
+                             headers={**self.headers, **(headers or {})}, timeout=timeout)
 
     def client(self, api_key="unused", **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
@@ -191,7 +210,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     s = Server(model, tmp_path_factory.mktemp("server") / "server.log",
-               "--max-batch", 4, "--max-queue", 8, "--batch-wait-ms", 50, "--request-timeout-s", 120)
+               "--max-batch", 4, "--max-queue", 8, "--batch-wait-ms", 50, "--request-timeout-s", 120,
+               "--max-upload-mib", 1)
     yield s
     assert s.stop() == 0, s.text()
 
@@ -206,6 +226,11 @@ def keyed(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return input_images(tmp_path_factory.mktemp("input-images"))
+
+
+@pytest.fixture(scope="module")
 def pipe(model):
     from unidiffuser import UniDiffuser
     return UniDiffuser.load(model, device="cpu")
@@ -214,7 +239,7 @@ def pipe(model):
 # ---- the command ------------------------------------------------------------------------------
 def serve(*args, **kw):
     return subprocess.run([sys.executable, str(ROOT / "serve.py"), *map(str, args)], capture_output=True, text=True,
-                          env=child_env(), cwd=ROOT, timeout=120, **kw)
+                          env=env(), cwd=ROOT, timeout=120, **kw)
 
 
 @pytest.mark.parametrize("args, names", [
@@ -233,6 +258,9 @@ def serve(*args, **kw):
     (["--host", "example.org"], ["--host example.org", "--api-key"]),
     (["--api-key", "has space"], ["--api-key"]),
     (["--model-dir", "/nonexistent/model"], ["--model-dir", "not found"]),
+    (["--tasks", "t2i,edit"], ["--tasks", "'t2i,edit'"]),
+    (["--tasks", "t2i,t2i"], ["--tasks"]),
+    (["--max-upload-mib", "0"], ["--max-upload-mib"]),
 ])
 def test_argument_errors_are_one_line_exit_2(model, args, names):
     argv = ["--model-dir", model, *args] if "--model-dir" not in args else args
@@ -272,7 +300,9 @@ def test_health_models_metrics_and_page(server):
     assert status == 200 and health["status"] == "ok" and health["default_size"] == 128, health
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["unidiffuser"]
-    assert models.data[0].model_extra["tasks"] == ["t2i"] and models.data[0].model_extra["random_weights"] is True
+    assert models.data[0].model_extra["tasks"] == ALL_TASKS and models.data[0].model_extra["random_weights"] is True
+    assert health["tasks"]["i2t2i"] == "/v1/images/variations" and health["tasks"]["joint"] == "/v1/generations"
+    assert health["max_upload_bytes"] == 1 << 20
     status, headers, raw = server.call("GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     text = raw.decode()
@@ -310,7 +340,7 @@ def test_seed_gives_the_same_pixels_as_run_py(server, model, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--prompt", "a dog under the sea", "--n-samples", "2",
                         "--seed", "5", "--steps", "3", "--height", "48", "--width", "64", "--device", "cpu",
                         "--model-dir", str(model), "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
+                       capture_output=True, text=True, env=env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     out = server.client().images.generate(prompt="a dog under the sea", n=2, size="64x48",
                                           extra_body={"seed": 5, "num_inference_steps": 3})
@@ -318,6 +348,233 @@ def test_seed_gives_the_same_pixels_as_run_py(server, model, tmp_path):
         written = Image.open(tmp_path / f"a-dog-under-the-sea_seed{seed}.png")
         assert d.model_extra["seed"] == seed
         assert np.array_equal(pixels(written), pixels(decode(d.b64_json))), seed
+
+
+def run_py(model, out: Path, task: str, *args) -> Path:
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--task", task, *map(str, args), "--device", "cpu",
+                        "--model-dir", str(model), "--out", str(out)], capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def text_of(path: Path) -> str:
+    return path.read_text(encoding="utf-8").removesuffix("\n")
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")     # OpenAI retired its own endpoint
+def test_variations_with_the_openai_client_equal_run_py(server, model, images, tmp_path):
+    out = run_py(model, tmp_path, "i2t2i", "--image", images["big.png"], "--n-samples", 2, "--seed", 5, "--steps", 2,
+                 "--height", 48, "--width", 64)
+    with open(images["big.png"], "rb") as f:
+        r = server.client().images.create_variation(image=f, n=2, size="64x48", response_format="b64_json",
+                                                    extra_body={"seed": 5, "num_inference_steps": 2})
+    assert r.size == "64x48" and r.output_format == "png" and [d.model_extra["seed"] for d in r.data] == [5, 6]
+    settings = r.model_extra["settings"]
+    assert settings["task"] == "i2t2i" and settings["guidance_scale"] == 7
+    assert settings["image"] == {"name": "big.png", "size": [71, 50],
+                                 "sha256": json.loads((out / "big_i2t2i_seed5.json").read_text())["image"]["sha256"]}
+    for d, seed in zip(r.data, (5, 6)):
+        assert np.array_equal(pixels(decode(d.b64_json)), pixels(Image.open(out / f"big_i2t2i_seed{seed}.png"))), seed
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().images.create_variation(image=("photo.png", images["not_image.png"].read_bytes()))
+    assert e.value.body["param"] == "image" and "photo.png: not an image" in e.value.body["message"]
+
+
+READABLE = ["big.png", "small.png", "anim.gif", "grey16.png", "palette.png", "rgba.png", "cmyk.jpg"]
+
+
+def test_captions_of_every_image_kind_equal_run_py(server, model, images, tmp_path):
+    out = run_py(model, tmp_path, "i2t", *[x for k in READABLE for x in ("--image", images[k])], "--seed", 3,
+                 "--steps", 2, "--height", 64, "--width", 64)
+    for i, k in enumerate(READABLE):       # run.py: image i, seed 3 + i, each a batch of its own
+        r = server.post_form("/v1/images/captions", images[k], {"seed": 3 + i, **SMALL})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [set(d) for d in body["data"]] == [{"text", "seed"}] and "size" not in body, body
+        assert body["data"][0]["text"] == text_of(out / f"{Path(k).stem}_i2t_seed{3 + i}.txt"), k
+        assert body["settings"]["task"] == "i2t" and body["settings"]["image"]["name"] == k
+    gif, frame = (server.post_form("/v1/images/captions", images[k], {"seed": 9, **SMALL}).json()["data"][0]["text"]
+                  for k in ("anim.gif", "first_frame.png"))
+    assert gif == frame                    # an animation's first frame, as the CLI reads it
+    two = server.post_form("/v1/images/captions", images["big.png"], {"seed": 3, "n": 2, **SMALL}).json()
+    assert [d["seed"] for d in two["data"]] == [3, 4] and all(d["text"] for d in two["data"])
+
+
+@pytest.mark.parametrize("task", ["joint", "i", "t", "t2i2t"])
+def test_generations_of_each_task_equal_run_py(server, model, tmp_path, task):
+    from unidiffuser.tasks import TASKS
+    outputs = TASKS[task].outputs
+    prompt = ["--prompt", "a red cube"] if task == "t2i2t" else []
+    out = run_py(model, tmp_path, task, *prompt, "--n-samples", 2, "--seed", 11, "--steps", 2, "--height", 48,
+                 "--width", 64)
+    body = {"task": task, "n": 2, "seed": 11, "num_inference_steps": 2, "size": "64x48",
+            **({"prompt": "a red cube"} if prompt else {})}
+    status, headers, raw = server.call("POST", "/v1/generations", body)
+    assert status == 200, raw
+    r = json.loads(raw)
+    assert r["task"] == task and [d["seed"] for d in r["data"]] == [11, 12] and headers["x-request-id"]
+    assert ("size" in r) == ("image" in outputs) and r["settings"]["guidance_scale"] == (None if task in "it" else 7)
+    for d, seed in zip(r["data"], (11, 12)):
+        stem = out / f"{'a-red-cube_' if prompt else ''}{task}_seed{seed}"
+        assert ("b64_json" in d) == ("image" in outputs) and ("text" in d) == ("text" in outputs), d.keys()
+        if "image" in outputs:
+            assert np.array_equal(pixels(decode(d["b64_json"])), pixels(Image.open(stem.with_suffix(".png")))), seed
+        if "text" in outputs:
+            assert d["text"] == text_of(stem.with_suffix(".txt")), seed
+
+
+@pytest.mark.parametrize("name, words", [
+    ("not_image.png", "not an image PIL can read"),
+    ("truncated.png", "not a readable image"),
+    ("truncated.jpg", "not a readable image"),
+    ("bomb.png", "too many pixels"),            # PIL warns: refused as the CLI refuses it
+    ("huge_bomb.png", "too many pixels"),       # PIL raises
+])
+@pytest.mark.parametrize("path", ["/v1/images/captions", "/v1/images/variations"])
+def test_bad_images_are_refused_naming_the_field(server, images, name, words, path):
+    r = server.post_form(path, images[name], SMALL)
+    err = error_of(r.content)
+    assert r.status_code == 400 and err["param"] == "image" and err["code"] == "invalid_image", err
+    assert f"image {name}: {words}" in err["message"], err
+
+
+def chunked_upload(size: int):
+    yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+    for _ in range(size // 65536 + 1):
+        yield b"\0" * 65536
+
+
+@pytest.mark.parametrize("path, fields, files, status, param, code", [
+    ("/v1/images/captions", {**SMALL}, [], 400, "image", "missing_image"),
+    ("/v1/images/captions", {"image": "photo.png"}, [], 400, "image", None),            # a text field, not a file
+    ("/v1/images/captions", {}, [("image", ("empty.png", b""))], 400, "image", None),
+    ("/v1/images/variations", {}, [("image", "big.png"), ("image", "big.png")], 400, "image", None),
+    ("/v1/images/variations", {}, [("image", "big.png"), ("mask", "big.png")], 400, "mask", "unknown_parameter"),
+    ("/v1/images/variations", {}, [("image", ("big.png", b"\0" * (1 << 20)))], 413, None, "body_too_large"),
+    ("/v1/images/variations", {}, "chunked", 413, None, "body_too_large"),               # no Content-Length
+    ("/v1/images/variations", {"n": "2x"}, [("image", "big.png")], 400, "n", None),
+    ("/v1/images/variations", {"n": 11}, [("image", "big.png")], 400, "n", None),
+    ("/v1/images/variations", {"seed": -1}, [("image", "big.png")], 400, "seed", None),
+    ("/v1/images/variations", {"num_inference_steps": 0}, [("image", "big.png")], 400, "num_inference_steps", None),
+    ("/v1/images/variations", {"guidance_scale": "nan"}, [("image", "big.png")], 400, "guidance_scale", None),
+    ("/v1/images/variations", {"size": "100x100"}, [("image", "big.png")], 400, "size", None),
+    ("/v1/images/variations", {"response_format": "url"}, [("image", "big.png")], 400, "response_format",
+     "unsupported_value"),
+    ("/v1/images/variations", {"user": "u-1"}, [("image", "big.png")], 400, "user", "unsupported_parameter"),
+    ("/v1/images/variations", {"model": "dall-e-2"}, [("image", "big.png")], 404, "model", "model_not_found"),
+    ("/v1/images/captions", {"response_format": "b64_json"}, [("image", "big.png")], 400, "response_format",
+     "unknown_parameter"),
+    ("/v1/images/captions", {"prompt": "x"}, [("image", "big.png")], 400, "prompt", "unknown_parameter"),
+])
+def test_bad_uploads_get_the_error_object(server, images, path, fields, files, status, param, code):
+    if files == "chunked":
+        r = requests.post(server.url + path, data=chunked_upload(1 << 20),
+                          headers={"Content-Type": "multipart/form-data; boundary=b"}, timeout=60)
+    else:
+        files = [(k, (v, images[v].read_bytes()) if isinstance(v, str) else v) for k, v in files]
+        r = requests.post(server.url + path, files=files or None, data={k: str(v) for k, v in fields.items()},
+                          timeout=60)
+        if not files:       # requests sends a form without files url-encoded: make it multipart
+            r = requests.post(server.url + path, files={k: (None, str(v)) for k, v in fields.items()}, timeout=60)
+    err = error_of(r.content)
+    assert r.status_code == status, (r.status_code, err)
+    assert err["param"] == param, err
+    if code:
+        assert err["code"] == code, err
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({}, "task", "missing_task"),
+    ({"task": "edit"}, "task", "invalid_value"),
+    ({"task": 3}, "task", None),
+    ({"task": "i2t"}, "task", "wrong_endpoint"),            # an image task: multipart, on its own endpoint
+    ({"task": "i2t2i"}, "task", "wrong_endpoint"),
+    ({"task": "t", "prompt": "x"}, "prompt", None),
+    ({"task": "t2i2t"}, "prompt", "missing_prompt"),
+    ({"task": "joint", "image": "x"}, "image", "unknown_parameter"),
+    ({"task": "joint", "n": 0}, "n", None),
+    ({"task": "joint", "size": "8192x64"}, "size", None),
+    ({"task": "i", "guidance_scale": "high"}, "guidance_scale", None),
+    ({"task": "joint", "response_format": "url"}, "response_format", "unsupported_value"),
+    ({"task": "joint", "quality": "hd"}, "quality", "unsupported_parameter"),
+])
+def test_bad_task_requests_get_the_error_object(server, body, param, code):
+    status, _, raw = server.call("POST", "/v1/generations", body)
+    err = error_of(raw)
+    assert status == 400 and err["param"] == param, (status, err)
+    if code:
+        assert err["code"] == code, err
+
+
+def test_image_requests_merge_each_with_its_own_image_and_seeds(server, images):
+    """While a long request runs, variations of three images (4 images: one call), two captions
+    (one call) and two unconditional images at different scales (no guidance: one key) queue;
+    each merged request gets what it gets alone."""
+    blocker = Blocker(server, "blocker-uploads")
+    reqs = [("var-0", "/v1/images/variations", "big.png", {"seed": 100}),
+            ("var-1", "/v1/images/variations", "small.png", {"seed": 200, "n": 2}),
+            ("var-2", "/v1/images/variations", "rgba.png", {"seed": 300}),
+            ("cap-0", "/v1/images/captions", "big.png", {"seed": 400}),
+            ("cap-1", "/v1/images/captions", "cmyk.jpg", {"seed": 500}),
+            ("i-0", "/v1/generations", None, {"task": "i", "seed": 600, "guidance_scale": 3}),
+            ("i-1", "/v1/generations", None, {"task": "i", "seed": 700, "guidance_scale": 9})]
+
+    def send(req, headers=None):
+        rid, path, image, fields = req
+        if image is None:
+            status, _, raw = server.call("POST", path, {**SMALL, **fields}, headers)
+            return status, json.loads(raw)
+        r = server.post_form(path, images[image], {**SMALL, **fields}, headers)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        futures = [pool.submit(send, r, {"X-Request-Id": r[0]}) for r in reqs]
+        end = time.monotonic() + 30
+        while server.call("GET", "/v1/requests/var-2")[0] != 200 and time.monotonic() < end:
+            time.sleep(0.02)
+        status, _, raw = server.call("GET", "/v1/requests/var-2")
+        queued = json.loads(raw) if status == 200 else None
+        merged = [f.result(timeout=120) for f in futures]
+    blocker.join()
+    if queued and queued["status"] == "queued":
+        assert queued["steps_total"] == 2 * SMALL["num_inference_steps"]      # i2t2i: two solver runs
+    for (rid, *_), (status, body) in zip(reqs, merged):
+        assert status == 200, (rid, body)
+    assert max(b["settings"]["batch_requests"] for _, b in merged[:3]) > 1, [b["settings"] for _, b in merged]
+    assert max(b["settings"]["batch_requests"] for _, b in merged[5:]) == 2        # the scale does not split them
+    for req, (_, got) in zip(reqs, merged):
+        _, alone = send(req)
+        assert [d["seed"] for d in got["data"]] == [d["seed"] for d in alone["data"]] == \
+            [req[3]["seed"] + i for i in range(req[3].get("n", 1))]
+        for g, a in zip(got["data"], alone["data"]):
+            if "text" in a:
+                assert g["text"] == a["text"], req[0]
+            if "b64_json" in a:
+                assert np.abs(pixels(decode(g["b64_json"])) - pixels(decode(a["b64_json"]))).max() <= 2, req[0]
+    images_of = {(req[0], i): pixels(decode(d["b64_json"])) for req, (_, b) in zip(reqs, merged)
+                 for i, d in enumerate(b["data"]) if "b64_json" in d}
+    for k, img in images_of.items():     # each its own: not another request's image
+        assert min(images_of, key=lambda j: np.abs(img - images_of[j]).mean()) == k
+
+
+def test_a_folder_from_before_the_task_networks_serves_t2i_and_i_only(model, tmp_path, images):
+    old = copy_without_task_networks(model, tmp_path / "old")
+    r = serve("--model-dir", old, "--port", 0, "--device", "cpu", "--tasks", "t2i,i2t")
+    assert r.returncode == 2 and "--tasks i2t" in r.stderr and "vae_encoder.safetensors" in r.stderr, r.stderr
+    s = Server(old, tmp_path / "server.log")
+    try:
+        health = json.loads(s.call("GET", "/health")[2])
+        assert health["tasks"] == {"t2i": "/v1/images/generations", "i": "/v1/generations"}   # no image or text networks
+        r = s.post_form("/v1/images/variations", images["big.png"], SMALL)
+        err = error_of(r.content)
+        assert r.status_code == 404 and err["code"] == "task_not_available", err
+        assert "not available on this server" in err["message"]
+        status, _, raw = s.call("POST", "/v1/generations", {"task": "joint", **SMALL})
+        assert status == 400 and error_of(raw)["code"] == "task_not_available"
+        assert s.client().images.generate(prompt="still", extra_body=SMALL).data
+        assert "not serving i2t" in s.text()
+    finally:
+        assert s.stop() == 0, s.text()
 
 
 def test_32_concurrent_requests_through_a_queue_of_8(server, pipe):
@@ -448,8 +705,8 @@ def test_client_gone_before_its_batch_starts_costs_nothing(server):
     ({"prompt": "x", "user": "u-1"}, 400, "user", "unsupported_parameter"),
     ({"prompt": "x", "model_dir": "/etc"}, 400, "model_dir", "unknown_parameter"),
     ({"prompt": "x", "model": "dall-e-3"}, 404, "model", "model_not_found"),
-    ({"prompt": "x", "task": "joint"}, 400, "task", "task_not_available"),
-    ({"prompt": "x", "task": "i2t"}, 400, "task", "task_not_available"),
+    ({"prompt": "x", "task": "joint"}, 400, "task", "wrong_endpoint"),
+    ({"prompt": "x", "task": "i2t"}, 400, "task", "wrong_endpoint"),
     ({"prompt": "x", "task": "edit"}, 400, "task", "invalid_value"),
     (b'{"prompt": "' + b"x" * 70_000 + b'"}', 413, None, "body_too_large"),
 ])
@@ -464,8 +721,14 @@ def test_bad_requests_get_the_error_object(server, body, status, param, code):
 
 
 @pytest.mark.parametrize("method, path, headers, status, code", [
-    ("POST", "/v1/images/variations", {}, 404, "task_not_available"),
-    ("POST", "/v1/images/captions", {}, 404, "task_not_available"),
+    ("POST", "/v1/images/variations", {}, 415, "unsupported_media_type"),     # multipart only
+    ("POST", "/v1/images/captions", {}, 415, "unsupported_media_type"),
+    ("POST", "/v1/images/captions", {"Content-Type": "multipart/form-data"}, 400, "invalid_multipart"),   # no boundary
+    ("POST", "/v1/images/variations", {"Content-Type": "multipart/form-data; boundary=b", "Content-Length": "2000000"},
+     413, "body_too_large"),
+    ("POST", "/v1/generations", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    ("POST", "/v1/images/generations", {"Origin": "http://evil.example"}, 403, "cross_origin"),     # CSRF, no key
+    ("POST", "/v1/images/captions", {"Origin": "null"}, 403, "cross_origin"),
     ("GET", "/v1/images/generations", {}, 405, None),
     ("GET", "/v1/nothing", {}, 404, "not_found"),
     ("GET", "/v1/models/dall-e-3", {}, 404, "model_not_found"),
@@ -483,15 +746,18 @@ def test_bad_routes_and_headers_get_the_error_object(server, method, path, heade
     assert got == status, (got, err)
     if code:
         assert err["code"] == code, err
-    if code == "task_not_available":
-        assert "is not available in this build" in err["message"]
 
 
-def test_server_survives_the_bad_requests(server):
+def test_server_survives_the_bad_requests(server, images):
     assert server.call("GET", "/health")[0] == 200
     r = server.client().images.generate(prompt="still here", extra_body={**SMALL, "seed": 3})
     assert decode(r.data[0].b64_json).size == (64, 64)
+    r = server.post_form("/v1/images/captions", images["big.png"], {**SMALL, "seed": 3})
+    assert r.status_code == 200 and r.json()["data"][0]["text"]
     assert server.metric('unidiffuser_http_requests_total{endpoint="/v1/images/generations",status="400"}') > 20
+    assert server.metric('unidiffuser_http_requests_total{endpoint="/v1/images/variations",status="400"}') > 10
+    assert server.metric('unidiffuser_texts_generated_total{task="i2t"}') > 0
+    assert server.metric('unidiffuser_images_generated_total{task="i2t2i"}') > 0
 
 
 # ---- API key and timeout ----------------------------------------------------------------------
@@ -509,6 +775,13 @@ def test_api_key_is_required(keyed):
     assert decode(r.data[0].b64_json).size == (64, 64)
     assert keyed.call("GET", "/metrics", headers=auth)[0] == 200
     assert keyed.call("GET", "/v1/models", headers={**auth, "Host": "gpu-box.example"})[0] == 200   # the key is the guard
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(png, format="PNG")
+    r = requests.post(keyed.url + "/v1/images/captions", files={"image": ("red.png", png.getvalue())}, data=SMALL)
+    assert r.status_code == 401 and error_of(r.content)["code"] == "invalid_api_key"
+    r = requests.post(keyed.url + "/v1/images/captions", files={"image": ("red.png", png.getvalue())}, data=SMALL,
+                      headers={**auth, "Origin": "https://elsewhere.example"})      # with a key, any page may ask
+    assert r.status_code == 200 and r.json()["data"][0]["text"]
 
 
 def test_waiting_past_the_timeout_is_503(keyed):
@@ -565,13 +838,13 @@ def test_sigterm_finishes_the_running_batch_and_exits_0(model, tmp_path):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def test_web_page_in_headless_chromium(server, tmp_path):
+def test_web_page_in_headless_chromium(server, images, tmp_path):
     for binary in (CHROMIUM, CHROMEDRIVER):
         if not os.access(binary, os.X_OK):
             pytest.skip(f"{binary} is missing: apt-get install chromium chromium-driver (.ci/run does)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -613,6 +886,29 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         assert not driver.find_element(By.ID, "error").is_displayed()
         assert not driver.find_element(By.ID, "progress").is_displayed()          # done
         assert not driver.find_element(By.ID, "key-row").is_displayed()           # no --api-key
+
+        # An image task: captioning an uploaded file; the text is shown as text, with a .txt download.
+        assert not driver.find_element(By.ID, "image").is_displayed()
+        Select(driver.find_element(By.ID, "task")).select_by_value("i2t")
+        assert not driver.find_element(By.ID, "prompt").is_displayed()
+        driver.find_element(By.ID, "generate").click()                    # no file yet: the page says so
+        assert "image file" in wait.until(lambda d: d.find_element(By.ID, "error").text)
+        driver.find_element(By.ID, "image").send_keys(str(images["big.png"]))
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        for field, value in (("steps", "2"), ("seed", "7"), ("n", "1")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        fig = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "figure.result[data-task=i2t]") or [None])[0])
+        assert fig.get_attribute("data-seed") == "7" and not fig.find_elements(By.TAG_NAME, "img")
+        expected = server.post_form("/v1/images/captions", images["big.png"],
+                                    {"seed": 7, "num_inference_steps": 2, "guidance_scale": 6.5}).json()
+        assert fig.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent") == expected["data"][0]["text"]
+        assert "seed 7" in fig.text and "128×128" in fig.text and "2 steps" in fig.text and "big.png" in fig.text
+        assert fig.find_element(By.LINK_TEXT, "download").get_attribute("download") == "big_i2t_seed7.txt"
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure.result")) == 3
         shot = tmp_path / "server-page.png"
         driver.save_screenshot(str(shot))
         assert Image.open(shot).size[0] > 0
@@ -627,7 +923,7 @@ def test_bench_runs_on_the_cpu_with_tiny_weights(model, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "unidiffuser.server.bench", "--model-dir", str(model), "--device", "cpu",
                         "--concurrency", "1", "2", "--requests", "4", "--warmup-rounds", "1", "--steps", "2",
-                        "--size", "64", "--json", str(out)], capture_output=True, text=True, env=child_env(), cwd=ROOT,
+                        "--size", "64", "--json", str(out)], capture_output=True, text=True, env=env(), cwd=ROOT,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "HTTP server (openai client)" in r.stdout and "Python API, serial" in r.stdout

@@ -41,7 +41,7 @@ def job(name, n=1, k=None, seed=0, timeout=30.0):
 
 
 def make(gate, **kw):
-    b = Batcher(None, tasks={"fake": Task("fake", "text", gate.run)}, **{"max_batch": 4, "wait_s": 0.0,
+    b = Batcher(None, tasks={"fake": Task("fake", ("text",), gate.run)}, **{"max_batch": 4, "wait_s": 0.0,
                                                                        "max_queue": 8, **kw})
     b.start()
     return b
@@ -149,14 +149,52 @@ def test_a_failing_call_answers_its_jobs_and_the_worker_goes_on():
 
 
 def test_tasks_table():
-    assert set(TASKS) == {"t2i"} and TASKS["t2i"].output == "image"
+    from unidiffuser import tasks as library
+    assert set(TASKS) == set(library.TASKS)
+    for name, t in TASKS.items():
+        assert (t.name, t.outputs, t.input) == (name, library.TASKS[name].outputs, library.TASKS[name].input)
+    assert TASKS["joint"].outputs == ("image", "text") and TASKS["i2t2i"].solver_runs == 2
+    assert not TASKS["i"].guided and not TASKS["t"].guided and TASKS["t2i"].guided and TASKS["joint"].guided
     assert require("t2i") is TASKS["t2i"]
+    only_t2i = {"t2i": TASKS["t2i"]}
     with pytest.raises(APIError) as e:
-        require("i2t2i")
-    assert e.value.status == 404 and "task i2t2i (image variation) is not available in this build" in e.value.message
+        require("i2t2i", only_t2i)
+    assert e.value.status == 404 and "task i2t2i (image variation) is not available on this server" in e.value.message
     with pytest.raises(APIError) as e:
-        require("joint", "task", status=400)
+        require("joint", only_t2i, "task", status=400)
     assert e.value.status == 400 and e.value.param == "task" and e.value.code == "task_not_available"
     with pytest.raises(APIError) as e:
-        require("nonsense", "task")
+        require("nonsense", None, "task")
     assert e.value.status == 400 and e.value.code == "invalid_value"
+
+
+def test_missing_networks_from_the_manifest():
+    from unidiffuser.server.tasks import missing_networks
+    full = {"files": {f: {} for f in ("text_encoder.safetensors", "uvit.safetensors", "vae_decoder.safetensors",
+                                      "vae_encoder.safetensors", "image_encoder.safetensors",
+                                      "caption_decoder.safetensors")}}
+    assert all(missing_networks(full, t) == [] for t in TASKS)
+    old = {"files": {f: {} for f in ("text_encoder.safetensors", "uvit.safetensors", "vae_decoder.safetensors")}}
+    assert missing_networks(old, "t2i") == [] and missing_networks(old, "i") == []
+    assert missing_networks(old, "i2t") == ["vae_encoder.safetensors", "image_encoder.safetensors",
+                                            "caption_decoder.safetensors"]
+
+
+def test_progress_counts_every_solver_run():
+    """A task of two solver runs (i2t2i, t2i2t) reports 2 x steps per batch."""
+    seen = []
+
+    def run(pipe, inputs, seeds, key, batch, progress):
+        for b in range(-(-len(inputs) // batch)):
+            for k in range(1, 2 * key.steps + 1):
+                progress(b, k)
+                seen.append((j.steps_done, j.steps_total))
+        return list(inputs)
+
+    b = Batcher(None, tasks={"fake": Task("fake", ("image",), run, "image", solver_runs=2)}, max_batch=2, wait_s=0.0)
+    b.start()
+    j = job("two-runs", n=3, k=key(steps=3))
+    b.submit(j)
+    assert result(j).outputs == ["two-runs"] * 3
+    assert seen[0] == (1, 12) and seen[5] == (6, 12) and seen[-1] == (12, 12)     # 2 calls x 2 runs x 3 steps
+    b.stop()

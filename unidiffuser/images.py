@@ -36,32 +36,57 @@ class InputImage:
 def read_image(path, param: str = "image") -> InputImage:
     """An image file, checked: one InputError naming the file for anything that is not a readable
     image (missing, a folder, not an image, truncated, a decompression bomb)."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise InputError(param, "{%s} {0}: file not found" % param, path)
     if not path.is_file():
         raise InputError(param, "{%s} {0}: not a file" % param, path)
-    size = path.stat().st_size
+    _check_size(path.stat().st_size, path, param)
+    return _decode(path.read_bytes(), path, path.name, param)
+
+
+def read_image_bytes(data: bytes, name: str = "image", param: str = "image") -> InputImage:
+    """An image file's bytes (an upload), checked as read_image checks a file: one InputError
+    naming `name` for anything that is not a readable image (too large, not an image, truncated,
+    a decompression bomb)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputTypeError(param, "{%s} must be the bytes of an image file, got {0}" % param, type(data).__name__)
+    data = bytes(data)
+    _check_size(len(data), name, param)
+    return _decode(data, name, name, param)
+
+
+def _check_size(size: int, label, param: str) -> None:
     if size > MAX_FILE_BYTES:
         raise InputError(param, "{%s} {0}: {1} MiB, larger than the {2} MiB accepted" % param,
-                         path, size >> 20, MAX_FILE_BYTES >> 20)
-    data = path.read_bytes()
+                         label, size >> 20, MAX_FILE_BYTES >> 20)
+
+
+def _decode(data: bytes, label, name: str, param: str) -> InputImage:
+    """The checks and the conversion every input image goes through (`label` names it in errors)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             # PIL warns past MAX_IMAGE_PIXELS and raises past twice that: both refused here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            # The same limit, checked without the warnings filter: catch_warnings is process-wide,
+            # so in a threaded caller (the server) another thread may have reset the filter.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and max(1, img.size[0]) * max(1, img.size[1]) > limit:
+                raise Image.DecompressionBombWarning(
+                    f"Image size ({img.size[0] * img.size[1]} pixels) exceeds limit of {limit} pixels, "
+                    "could be decompression bomb DOS attack.")
             img.load()                     # the first frame of an animation, as convert() reads it
             img = img.convert("RGB")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise InputError(param, "{%s} {0}: too many pixels to be a photograph ({1})" % param, path, e) from None
+        raise InputError(param, "{%s} {0}: too many pixels to be a photograph ({1})" % param, label, e) from None
     except UnidentifiedImageError:
-        raise InputError(param, "{%s} {0}: not an image PIL can read" % param, path) from None
+        raise InputError(param, "{%s} {0}: not an image PIL can read" % param, label) from None
     except (OSError, ValueError, SyntaxError) as e:    # truncated or corrupt data
-        raise InputError(param, "{%s} {0}: not a readable image ({1})" % param, path, e) from None
-    return InputImage(img, path.name, hashlib.sha256(data).hexdigest())
+        raise InputError(param, "{%s} {0}: not a readable image ({1})" % param, label, e) from None
+    return InputImage(img, name, hashlib.sha256(data).hexdigest())
 
 
 def as_input(image, param: str = "image") -> InputImage:

@@ -1,24 +1,30 @@
-"""The HTTP side: an OpenAI-compatible Images API, health, metrics, progress and the web page.
+"""The HTTP side: an OpenAI-compatible Images API, UniDiffuser's other tasks, health, metrics,
+progress and the web page.
 
     POST /v1/images/generations   text to image (OpenAI's request and response shape, + seed,
                                   num_inference_steps, guidance_scale; each image's seed)
+    POST /v1/images/variations    image variation, i2t2i (OpenAI's multipart shape: image, n, size,
+                                  response_format, + seed, num_inference_steps, guidance_scale)
+    POST /v1/images/captions      captioning, i2t (multipart: image, n, size, seed, ...) -> texts
+    POST /v1/generations          any task without an input image (JSON with "task": joint, i, t,
+                                  t2i2t, t2i) -> images and/or texts per sample
     GET  /v1/requests/{id}        progress of a request in flight (queue position, steps done);
                                   the id is the request's X-Request-Id header (the client's or ours)
-    GET  /v1/models[/{id}]        the one model served
+    GET  /v1/models[/{id}]        the one model served, with the tasks it runs
     GET  /health                  200 once the model is loaded and warm; 503 with the reason before
                                   and while draining
     GET  /metrics                 Prometheus text format
     GET  /                        the web page (static files under /static, served from here)
-    POST /v1/images/variations, POST /v1/images/captions: tasks of UniDiffuser not in this build
-                                  (404 "task X is not available in this build")
 
-Nothing in a request names a server path: the model is loaded once at start, images are
-answered inline (no files are written), the page's files are fixed.
+Nothing in a request names a server path: the model is loaded once at start, outputs are
+answered inline (no files are written), an uploaded image is kept in memory (a large part passes
+through a temporary file while the body is parsed), the page's files are fixed.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hmac
 import io
 import ipaddress
@@ -31,12 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Path as PathParam, Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import limits
+from ..images import InputImage, read_image_bytes
 from . import tasks
 from .batcher import Batcher, Job, QueueFull
 from .errors import APIError, bad
@@ -57,8 +66,21 @@ PUBLIC = ("/", "/health", "/favicon.ico")   # and /static/*: no key needed (they
 UNSUPPORTED = ("quality", "style", "user", "background", "moderation", "output_compression", "partial_images",
                "stream", "safety_identifier", "input_fidelity", "svg", "complexity", "frame_count",
                "frame_duration_ms")
-GENERATION_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "seed",
-                     "num_inference_steps", "guidance_scale", "task")
+SETTINGS = ("model", "n", "size", "seed", "num_inference_steps", "guidance_scale")
+GENERATION_FIELDS = (*SETTINGS, "prompt", "response_format", "output_format", "task")   # /v1/images/generations
+TASK_FIELDS = ("task", *SETTINGS, "prompt", "response_format", "output_format")         # /v1/generations
+VARIATION_FIELDS = ("image", *SETTINGS, "response_format", "output_format")            # /v1/images/variations
+CAPTION_FIELDS = ("image", *SETTINGS)                                                  # /v1/images/captions
+DEFAULT_SCALE = 7.0               # also the batch key's scale of a task without guidance (i, t)
+MAX_UPLOAD = 16 << 20             # bytes of a multipart body (one image file and a few fields)
+MAX_FORM_FIELD = 64 * 1024        # bytes of one non-file field of a multipart body
+
+# Where each task's requests go (the messages that send a client elsewhere, the page).
+ENDPOINTS = {"t2i": "/v1/images/generations", "i2t": "/v1/images/captions", "i2t2i": "/v1/images/variations",
+             "joint": "/v1/generations", "i": "/v1/generations", "t": "/v1/generations", "t2i2t": "/v1/generations"}
+# One thread decodes uploads, off the event loop: a 16 MiB PNG can take a second and hold
+# hundreds of MB while decoding, and one at a time bounds both.
+DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unidiffuser-decode")
 
 
 @dataclass
@@ -70,6 +92,7 @@ class ServerConfig:
     max_queue: int = 64
     request_timeout_s: float = 300.0
     max_side: int = limits.MAX_SIDE
+    max_upload: int = MAX_UPLOAD      # bytes of a multipart body (--max-upload-mib)
 
 
 class ServerState:
@@ -81,6 +104,7 @@ class ServerState:
         self.failure: str | None = None
         self.stop = lambda: None          # set by main: stops the HTTP server
         self.batcher: Batcher | None = None
+        self.tasks: dict[str, tasks.Task] = {}     # what this server runs, once ready
         self.default_size = 512
         self.model_info: dict = {}
         self.jobs: dict[str, Job] = {}
@@ -88,13 +112,15 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.batcher.queue_depth if self.batcher else 0,
                                      lambda: self.batcher.running_images if self.batcher else 0)
 
-    def ready(self, pipe, model_info: dict) -> Batcher:
-        """The model is loaded and warm: requests are accepted from now on. The caller runs the
-        returned batcher's loop (`work()`), in the thread that loaded the model."""
+    def ready(self, pipe, model_info: dict, served: dict[str, tasks.Task] | None = None) -> Batcher:
+        """The model is loaded and warm: requests are accepted from now on, for the `served` tasks
+        (default: every task). The caller runs the returned batcher's loop (`work()`), in the
+        thread that loaded the model."""
         self.default_size = pipe.default_size
         self.model_info = model_info
+        self.tasks = dict(tasks.TASKS if served is None else served)
         self.batcher = Batcher(pipe, self.config.max_batch, self.config.batch_wait_ms / 1000, self.config.max_queue,
-                               on_batch=self._on_batch)
+                               tasks=self.tasks, on_batch=self._on_batch)
         self.status, self.reason = "ok", ""
         return self.batcher
 
@@ -118,6 +144,10 @@ class ServerState:
         if self.batcher is not None:
             for _ in self.batcher.drain():
                 self.metrics.dropped.inc("draining")
+
+    def task(self, name: str, param: str | None = None, status: int = 404) -> tasks.Task:
+        """A task this server runs, or the error that says it does not (tasks.require)."""
+        return tasks.require(name, self.tasks, param, status)
 
     def require_ready(self) -> Batcher:
         if self.status != "ok" or self.batcher is None:
@@ -157,37 +187,36 @@ def parse_size(value, default: int, max_side: int) -> tuple[int, int]:
     return height, width
 
 
-def parse_generation(body: dict, state: ServerState) -> tuple[tasks.BatchKey, list[str], list[int]]:
+def check_fields(body: dict, allowed: tuple[str, ...], endpoint: str) -> None:
+    """OpenAI parameters we have no equivalent for and unknown ones: 400 naming them."""
     for k, v in body.items():
         if k in UNSUPPORTED:
             if v is not None:
                 raise bad(f"{k} is not supported by this server (UniDiffuser has no such setting); leave it out",
                           k, "unsupported_parameter")
-        elif k not in GENERATION_FIELDS:
-            raise bad(f"unknown parameter {k!r}; this endpoint takes {', '.join(GENERATION_FIELDS)}", k,
-                      "unknown_parameter")
-    get = body.get
-    model = get("model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise bad(f"model must be a string, got {model!r}", "model")
-        if model != state.config.model_id:
-            raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists: {state.config.model_id}",
-                           "model", "model_not_found")
-    task = get("task") if get("task") is not None else "t2i"
-    if not isinstance(task, str):
-        raise bad(f"task must be a string, got {task!r}", "task")
-    if task != "t2i":   # only text-to-image has this endpoint's inputs; others get theirs when built
-        tasks.require(task, "task", status=400)
-        raise bad(f"task {task} does not take a prompt and size on this endpoint", "task")
-    prompt = get("prompt")
+        elif k not in allowed:
+            raise bad(f"unknown parameter {k!r}; {endpoint} takes {', '.join(allowed)}", k, "unknown_parameter")
+
+
+def check_model(model, state: ServerState) -> None:
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise bad(f"model must be a string, got {model!r}", "model")
+    if model != state.config.model_id:
+        raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists: {state.config.model_id}",
+                       "model", "model_not_found")
+
+
+def parse_prompt(prompt) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad("prompt is required: a non-empty string", "prompt", "missing_prompt" if prompt is None else "invalid_value")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise bad(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}", "prompt")
-    n = 1 if get("n") is None else get("n")
-    if not _is_int(n) or not 1 <= n <= MAX_N:
-        raise bad(f"n must be an integer in 1..{MAX_N}, got {n!r}", "n")
+    return prompt
+
+
+def check_formats(get) -> None:
     fmt = get("response_format")
     if fmt is not None and fmt != "b64_json":
         raise bad(f"response_format {fmt!r} is not supported: this server answers images inline only "
@@ -195,19 +224,178 @@ def parse_generation(body: dict, state: ServerState) -> tuple[tasks.BatchKey, li
     out = get("output_format")
     if out is not None and out != "png":
         raise bad(f"output_format {out!r} is not supported: images are PNG", "output_format", "unsupported_value")
+
+
+def parse_settings(get, state: ServerState, task: tasks.Task) -> tuple[tasks.BatchKey, list[int]]:
+    """n, size, steps, scale and seed: the batch key and each sample's seed (sample i: seed + i)."""
+    n = 1 if get("n") is None else get("n")
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise bad(f"n must be an integer in 1..{MAX_N}, got {n!r}", "n")
     height, width = parse_size(get("size"), state.default_size, state.config.max_side)
     steps = 50 if get("num_inference_steps") is None else get("num_inference_steps")
     _limit(limits.check_steps, "num_inference_steps", "steps", steps)
-    scale = 7.0 if get("guidance_scale") is None else get("guidance_scale")
+    scale = DEFAULT_SCALE if get("guidance_scale") is None else get("guidance_scale")
     _limit(limits.check_scale, "guidance_scale", "scale", scale)
     seed = get("seed")
-    if seed is None:                  # OpenAI's API has no seed: a fresh one, answered with the image
+    if seed is None:                  # OpenAI's API has no seed: a fresh one, answered with the outputs
         seed = secrets.randbelow(2**32)
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED - n:
-        raise bad(f"seed must be an integer in [0, 2**64 - {n}] (image i uses seed + i, {n} image(s)), got {seed!r}",
+        raise bad(f"seed must be an integer in [0, 2**64 - {n}] (sample i uses seed + i, {n} sample(s)), got {seed!r}",
                   "seed")
-    key = tasks.BatchKey("t2i", height, width, steps, float(scale))
-    return key, [prompt] * n, [seed + i for i in range(n)]
+    # A task without guidance (i, t) ignores the scale: one key for all its requests, so they merge.
+    key = tasks.BatchKey(task.name, height, width, steps, float(scale) if task.guided else DEFAULT_SCALE)
+    return key, [seed + i for i in range(n)]
+
+
+def wrong_endpoint(name: str, here: str) -> APIError:
+    there = ENDPOINTS[name]
+    how = f'POST {there} with "task": "{name}"' if there == "/v1/generations" else f"POST {there}" + (
+        " (multipart/form-data with the image file)" if tasks.TASKS[name].input == "image" else "")
+    return bad(f"task {name} ({tasks.KNOWN[name]}) is not run by {here}: {how}", "task", "wrong_endpoint")
+
+
+def parse_generation(body: dict, state: ServerState) -> tuple[tasks.BatchKey, list[str], list[int]]:
+    """POST /v1/images/generations: text to image."""
+    check_fields(body, GENERATION_FIELDS, "this endpoint")
+    get = body.get
+    check_model(get("model"), state)
+    name = get("task") if get("task") is not None else "t2i"
+    if not isinstance(name, str):
+        raise bad(f"task must be a string, got {name!r}", "task")
+    if name != "t2i":
+        state.task(name, "task", status=400)      # not a task, or not on this server
+        raise wrong_endpoint(name, "/v1/images/generations")
+    task = state.task("t2i")
+    prompt = parse_prompt(get("prompt"))
+    check_formats(get)
+    key, seeds = parse_settings(get, state, task)
+    return key, [prompt] * len(seeds), seeds
+
+
+def parse_task_request(body: dict, state: ServerState) -> tuple[tasks.BatchKey, list, list[int]]:
+    """POST /v1/generations: a task whose input is a prompt or nothing."""
+    check_fields(body, TASK_FIELDS, "this endpoint")
+    get = body.get
+    name = get("task")
+    if name is None:
+        here = [t for t in state.tasks if tasks.TASKS[t].input != "image"]
+        raise bad(f"task is required: one of {', '.join(here)}", "task", "missing_task")
+    if not isinstance(name, str):
+        raise bad(f"task must be a string, got {name!r}", "task")
+    task = state.task(name, "task", status=400)
+    if task.input == "image":
+        raise wrong_endpoint(name, "/v1/generations")
+    check_model(get("model"), state)
+    if task.input == "prompt":
+        prompt = parse_prompt(get("prompt"))
+    elif get("prompt") is not None:
+        raise bad(f"task {name} ({tasks.KNOWN[name]}) takes no prompt; leave it out", "prompt")
+    check_formats(get)
+    key, seeds = parse_settings(get, state, task)
+    return key, [prompt if task.input == "prompt" else None] * len(seeds), seeds
+
+
+INT_FIELDS, FLOAT_FIELDS = ("n", "seed", "num_inference_steps"), ("guidance_scale",)
+
+
+def typed_form(fields: dict[str, str]) -> dict:
+    """A multipart form's text fields with the numbers as numbers (a field that does not parse
+    stays a string, and its check says what it must be)."""
+    out = {}
+    for k, v in fields.items():
+        text = v.strip()
+        if k in INT_FIELDS and re.fullmatch(r"[+-]?\d{1,30}", text):
+            v = int(text)
+        elif k in FLOAT_FIELDS and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)",
+                                                text, re.IGNORECASE):
+            v = float(text)           # inf and nan are refused by the scale's check
+        out[k] = v
+    return out
+
+
+async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
+    """A multipart/form-data body, at most `limit` bytes: its text fields and its files
+    ({field: (filename, bytes)}), each field given once."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise APIError(415, f"Content-Type must be multipart/form-data with the image file, got {ctype or 'none'!r} "
+                            "(curl: -F image=@photo.png)", code="unsupported_media_type")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is {length} bytes; this server accepts at most {limit} "
+                            "(--max-upload-mib)", code="body_too_large")
+
+    async def bounded():
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes, the most this server accepts "
+                                    "(--max-upload-mib)", code="body_too_large")
+            yield chunk
+
+    parser = MultiPartParser(request.headers, bounded(), max_files=2, max_fields=16, max_part_size=MAX_FORM_FIELD)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise bad(f"the request body is not valid multipart/form-data: {e.message}", code="invalid_multipart") from None
+    fields: dict[str, str] = {}
+    files: dict[str, tuple[str, bytes]] = {}
+    try:
+        for k, v in form.multi_items():
+            if k in fields or k in files:
+                raise bad(f"{k} is given more than once; give it once", k)
+            if isinstance(v, UploadFile):
+                files[k] = (v.filename or "", await v.read())
+            else:
+                fields[k] = v
+    finally:
+        await form.close()
+    return fields, files
+
+
+def upload_name(filename: str) -> str:
+    """The client's file name, as the messages quote it (bounded, printable)."""
+    name = "".join(c if c.isprintable() else "?" for c in Path(filename.replace("\\", "/")).name)[:100]
+    return name or "upload"
+
+
+def centre_square(inp: InputImage) -> InputImage:
+    """Only the centred square of side min(w, h) is ever read (images.center_crop), so a queued
+    request keeps that alone: cropping is exact (the pipeline's crop of the square is the square)."""
+    w, h = inp.image.size
+    side = min(w, h)
+    top, left = (h - side) // 2, (w - side) // 2
+    return InputImage(inp.image.crop((left, top, left + side, top + side)), inp.name, inp.sha256)
+
+
+async def parse_upload(request: Request, state: ServerState, task: tasks.Task, allowed: tuple[str, ...]):
+    """A multipart request of an image task: (key, inputs, seeds, the image's record)."""
+    fields, files = await read_form(request, state.config.max_upload)
+    for k in files:
+        if k != "image":
+            raise bad(f"unknown file {k!r}; this endpoint takes one file, image", k, "unknown_parameter")
+    if "image" in fields:
+        raise bad("image must be a file part (curl: -F image=@photo.png), not a text field", "image")
+    body = typed_form(fields)
+    check_fields(body, tuple(a for a in allowed if a != "image"), "this endpoint")
+    get = body.get
+    check_model(get("model"), state)
+    check_formats(get)
+    key, seeds = parse_settings(get, state, task)
+    if "image" not in files:
+        raise bad("image is required: the image file to read (PNG, JPEG, WebP, GIF, ...)", "image", "missing_image")
+    filename, data = files["image"]
+    name = upload_name(filename)
+    if not data:
+        raise bad(f"image {name}: the file is empty", "image")
+    try:        # the CLI's checks and conversion (unidiffuser/images.py), in the decoding thread
+        inp = await asyncio.get_running_loop().run_in_executor(DECODER, read_image_bytes, data, name, "image")
+    except limits.InputError as e:
+        raise bad(e.render(), "image", "invalid_image") from None
+    record = {"name": inp.name, "sha256": inp.sha256, "size": list(inp.image.size)}
+    inp = centre_square(inp)
+    return key, [inp] * len(seeds), seeds, record
 
 
 async def read_json(request: Request, limit: int = MAX_BODY) -> dict:
@@ -250,10 +438,24 @@ def png_b64(images) -> list[str]:
     return out
 
 
+def encode_samples(samples: list[tasks.Sample], seeds: list[int]) -> list[dict]:
+    """Each sample as a response item: its PNG (b64_json) and/or its text, and its seed."""
+    items = []
+    for sample, seed in zip(samples, seeds):
+        item = {}
+        if sample.image is not None:
+            item["b64_json"] = png_b64([sample.image])[0]
+        if sample.text is not None:
+            item["text"] = sample.text
+        item["seed"] = seed
+        items.append(item)
+    return items
+
+
 def endpoint_label(path: str) -> str:
     """The metrics label of a path: a route template, never the raw path (bounded cardinality)."""
     if path in ("/", "/health", "/metrics", "/v1/models", "/v1/images/generations", "/v1/images/variations",
-                "/v1/images/captions"):
+                "/v1/images/captions", "/v1/generations"):
         return path
     for prefix, label in (("/v1/models/", "/v1/models/{id}"), ("/v1/requests/", "/v1/requests/{id}"),
                           ("/static/", "/static")):
@@ -291,6 +493,18 @@ class Gate:
         except ValueError:
             return False
 
+    @staticmethod
+    def same_origin(scope) -> bool:
+        """A POST without an Origin header (curl, the clients) or from this server's own page. A
+        form on another site can send multipart/form-data without a CORS preflight; without a key
+        nothing else would stop it from spending this server's GPU."""
+        headers = dict(scope.get("headers", ()))
+        origin = headers.get(b"origin")
+        if origin is None:
+            return True
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        return origin.decode("latin-1").strip().lower() in (f"http://{host}", f"https://{host}")
+
     def authorized(self, scope) -> bool:
         got = b""
         for name, value in scope.get("headers", ()):
@@ -318,6 +532,10 @@ class Gate:
                                     "localhost or [::1]); behind a proxy, pass Host 127.0.0.1 or start with --api-key",
                                code="invalid_host")
                 await JSONResponse(err.body(), 400)(scope, receive, counted)
+            elif self.key is None and scope.get("method") == "POST" and not self.same_origin(scope):
+                err = APIError(403, "a POST from another site's page (its Origin header is not this server's) is "
+                                    "refused on a server without --api-key", code="cross_origin")
+                await JSONResponse(err.body(), 403)(scope, receive, counted)
             elif self.key is not None and path not in PUBLIC and not path.startswith("/static/") \
                     and not self.authorized(scope):
                 err = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
@@ -372,6 +590,7 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": state.status, "reason": state.reason}, 503)
         return {"status": "ok", "model": cfg.model_id, "default_size": state.default_size,
                 "auth_required": cfg.api_key is not None, "max_n": MAX_N, "max_side": cfg.max_side,
+                "max_upload_bytes": cfg.max_upload, "tasks": {t: ENDPOINTS[t] for t in state.tasks},
                 "queue_depth": state.batcher.queue_depth}
 
     @app.get("/metrics")
@@ -380,7 +599,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     def model_card() -> dict:
         return {"id": cfg.model_id, "object": "model", "created": state.created, "owned_by": "thu-ml",
-                "tasks": sorted(tasks.TASKS), **state.model_info}
+                "tasks": list(state.tasks), **state.model_info}
 
     @app.get("/v1/models")
     async def models():
@@ -402,20 +621,21 @@ def create_app(state: ServerState) -> FastAPI:
         b = state.batcher
         return {"id": job.id, "object": "request.progress", "status": job.state, "n": job.n,
                 "queue_position": b.position(job) if b else None,
-                "steps_done": job.steps_done, "steps_total": job.steps_total or job.key.steps}
+                "steps_done": job.steps_done, "steps_total": job.steps_total or job.key.steps * state.tasks[job.key.task].solver_runs}
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request):
-        t0 = time.monotonic()
-        batcher = state.require_ready()
+    def take_request_id(request: Request) -> str:
         rid = request.headers.get("x-request-id") or secrets.token_hex(12)
         if not REQUEST_ID.fullmatch(rid):
             raise bad("X-Request-Id must be 1-64 letters, digits, '.', '_' or '-'", "x-request-id")
-        body = await read_json(request)
-        key, prompts, seeds = parse_generation(body, state)
+        return rid
+
+    async def run(request: Request, rid: str, key: tasks.BatchKey, inputs: list, seeds: list[int], t0: float,
+                  extra: dict | None = None, top: dict | None = None) -> Response:
+        """Queue one request's samples, wait for its batch, answer its own outputs."""
+        batcher = state.require_ready()
         if rid in state.jobs:        # checked and taken with no await between: one job per id
             raise bad(f"a request with X-Request-Id {rid!r} is already in flight", "x-request-id", "duplicate_request_id")
-        job = Job(rid, key, prompts, seeds, deadline=time.monotonic() + cfg.request_timeout_s)
+        job = Job(rid, key, inputs, seeds, deadline=time.monotonic() + cfg.request_timeout_s)
         state.jobs[rid] = job
         try:
             batcher.submit(job)
@@ -434,29 +654,59 @@ def create_app(state: ServerState) -> FastAPI:
             return Response(status_code=499)
         if outcome.error is not None:
             raise outcome.error
-        encoded = await asyncio.get_running_loop().run_in_executor(None, png_b64, outcome.outputs)
-        state.metrics.images.inc("t2i", by=len(encoded))
-        state.metrics.latency.observe(time.monotonic() - t0, "t2i")
-        return JSONResponse({
-            "created": int(time.time()),
-            "data": [{"b64_json": b, "seed": s} for b, s in zip(encoded, seeds)],
-            "model": cfg.model_id,
-            "output_format": "png",
-            "size": f"{key.width}x{key.height}",
-            "settings": {"task": key.task, "seeds": seeds, "num_inference_steps": key.steps,
-                         "guidance_scale": key.scale, "width": key.width, "height": key.height,
-                         "batch_images": outcome.batch_images, "batch_requests": outcome.batch_requests,
-                         "queue_s": round(outcome.queue_s, 4), "run_s": round(outcome.run_s, 4)},
-        }, headers={"X-Request-Id": rid})
+        items = await asyncio.get_running_loop().run_in_executor(None, encode_samples, outcome.outputs, seeds)
+        task = state.tasks[key.task]
+        n_images = sum("b64_json" in d for d in items)
+        if n_images:
+            state.metrics.images.inc(key.task, by=n_images)
+        if "text" in task.outputs:
+            state.metrics.texts.inc(key.task, by=len(items))
+        state.metrics.latency.observe(time.monotonic() - t0, key.task)
+        body = {"created": int(time.time()), **(top or {}), "data": items, "model": cfg.model_id}
+        if "image" in task.outputs:
+            body.update({"output_format": "png", "size": f"{key.width}x{key.height}"})
+        body["settings"] = {
+            "task": key.task, "seeds": seeds, "num_inference_steps": key.steps,
+            "guidance_scale": key.scale if task.guided else None, "width": key.width, "height": key.height,
+            **(extra or {}), "batch_images": outcome.batch_images, "batch_requests": outcome.batch_requests,
+            "queue_s": round(outcome.queue_s, 4), "run_s": round(outcome.run_s, 4)}
+        return JSONResponse(body, headers={"X-Request-Id": rid})
 
-    # UniDiffuser's other tasks: their endpoints exist and say so (see tasks.py).
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        """Text to image, OpenAI's shape."""
+        t0 = time.monotonic()
+        state.require_ready()
+        rid = take_request_id(request)
+        key, prompts, seeds = parse_generation(await read_json(request), state)
+        return await run(request, rid, key, prompts, seeds, t0)
+
+    @app.post("/v1/generations")
+    async def task_generations(request: Request):
+        """Any task without an input image: joint, i, t, t2i2t (and t2i)."""
+        t0 = time.monotonic()
+        state.require_ready()
+        rid = take_request_id(request)
+        key, inputs, seeds = parse_task_request(await read_json(request), state)
+        return await run(request, rid, key, inputs, seeds, t0, top={"task": key.task})
+
+    async def image_task(request: Request, name: str, allowed: tuple[str, ...]) -> Response:
+        t0 = time.monotonic()
+        state.require_ready()
+        task = state.task(name)
+        rid = take_request_id(request)
+        key, inputs, seeds, record = await parse_upload(request, state, task, allowed)
+        return await run(request, rid, key, inputs, seeds, t0, extra={"image": record})
+
     @app.post("/v1/images/variations")
-    async def variations():
-        tasks.require("i2t2i")
+    async def variations(request: Request):
+        """Image variation (i2t2i), OpenAI's multipart shape."""
+        return await image_task(request, "i2t2i", VARIATION_FIELDS)
 
     @app.post("/v1/images/captions")
-    async def captions():
-        tasks.require("i2t")
+    async def captions(request: Request):
+        """Captioning (i2t): multipart like variations; texts."""
+        return await image_task(request, "i2t", CAPTION_FIELDS)
 
     @app.get("/")
     async def index():

@@ -45,7 +45,7 @@ class Outcome:
 class Job:
     id: str
     key: BatchKey
-    inputs: list                   # one per output (prompts, for t2i)
+    inputs: list                   # one per output: prompts, checked input images, or None
     seeds: list[int]
     deadline: float                # time.monotonic() after which a queued job is answered 503
     submitted: float = field(default_factory=time.monotonic)
@@ -220,21 +220,23 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         key = jobs[0].key
+        task = self.tasks[key.task]
         inputs = [x for j in jobs for x in j.inputs]
         seeds = [s for j in jobs for s in j.seeds]
         batch = min(len(inputs), self.max_batch)
         calls = math.ceil(len(inputs) / batch)
+        per_batch = key.steps * task.solver_runs        # i2t2i, t2i2t: two solver runs per batch
         for j in jobs:
-            j.steps_total, j.steps_done = calls * key.steps, 0
+            j.steps_total, j.steps_done = calls * per_batch, 0
 
         def progress(b: int, k: int) -> None:
-            done = min(b * key.steps + k, calls * key.steps)
+            done = min(b * per_batch + k, calls * per_batch)
             for j in jobs:
                 j.steps_done = done
 
         t0 = time.monotonic()
         try:
-            outputs = self.tasks[key.task].run(self.pipe, inputs, seeds, key, batch, progress)
+            outputs = task.run(self.pipe, inputs, seeds, key, batch, progress)
             if len(outputs) != len(inputs):
                 raise RuntimeError(f"task {key.task} returned {len(outputs)} outputs for {len(inputs)} inputs")
             error = None

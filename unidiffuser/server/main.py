@@ -5,6 +5,7 @@ exits 0.
     python serve.py --model-dir model [--host 127.0.0.1] [--port 8000] [--device cuda:N]
                     [--dtype fp16|bf16|fp8|fp32] [--max-batch 8] [--batch-wait-ms 10] [--max-queue 64]
                     [--api-key KEY] [--request-timeout-s 300] [--warm-batches] [--max-side 4096]
+                    [--tasks t2i,i2t,...] [--max-upload-mib 16]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from .. import cli, limits, options
+from ..tasks import TASKS as LIBRARY_TASKS
 
 log = logging.getLogger("unidiffuser.server")
 
@@ -35,7 +37,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(prog="serve.py", description="An OpenAI-compatible image server for UniDiffuser "
-               "(POST /v1/images/generations, a web page at /). See docs/server.md.")
+               "(POST /v1/images/generations, /v1/images/variations, /v1/images/captions, /v1/generations; "
+               "a web page at /). See docs/server.md.")
     p.add_argument("--model-dir", type=Path, required=True, help="converted model folder (convert_weights.py)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other than "
                    "a loopback address needs --api-key)")
@@ -50,10 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="a request still waiting for its batch "
                    "after this long gets 503 (default 300)")
-    p.add_argument("--warm-batches", action="store_true", help="also warm every batch size 2..--max-batch at "
-                   "the default size before ready (on the CUDA fast path each pays its graph capture once)")
+    p.add_argument("--warm-batches", action="store_true", help="also warm every batch size 2..--max-batch of every "
+                   "served task at the default size before ready (on the CUDA fast path each pays its graph capture once)")
     p.add_argument("--max-side", type=int, default=limits.MAX_SIDE, help="largest image side a request may ask for "
                    f"(default {limits.MAX_SIDE}, the CLI's limit)")
+    p.add_argument("--tasks", help=f"comma-separated tasks to serve, of {','.join(LIBRARY_TASKS)} (default: every "
+                   "task the model folder has the networks of); each is warmed up before ready")
+    p.add_argument("--max-upload-mib", type=float, default=16, help="largest multipart body (an uploaded image "
+                   "and its fields) in MiB; larger gets 413 (default 16)")
     return p.parse_args(argv)
 
 
@@ -79,6 +86,17 @@ def check_arguments(args) -> None:
     if not 0 < args.request_timeout_s <= 86_400:
         raise ValueError(f"--request-timeout-s must be in (0, 86400], got {args.request_timeout_s}")
     limits.check_side("max_side", args.max_side)
+    if args.tasks is not None:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in LIBRARY_TASKS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(f"--tasks must be distinct names of {', '.join(LIBRARY_TASKS)}, comma-separated, "
+                             f"got {args.tasks!r}")
+        args.tasks = names
+    from ..images import MAX_FILE_BYTES
+    if not 0 < args.max_upload_mib <= MAX_FILE_BYTES >> 20:
+        raise ValueError(f"--max-upload-mib must be in (0, {MAX_FILE_BYTES >> 20}] (the CLI's largest image file), "
+                         f"got {args.max_upload_mib}")
     options.check_syntax(args.device, args.dtype)      # the rules run.py and the API check too
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
@@ -108,6 +126,41 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def served_tasks(pipe, requested: list[str] | None) -> tuple[dict, list[str]]:
+    """The tasks to serve: the requested ones (each must have its networks in the model folder),
+    or every task the folder has the networks of; and what was left out, said in a line each."""
+    from . import tasks
+    skipped = []
+    names = requested or list(tasks.TASKS)
+    served = {}
+    for name in names:
+        missing = tasks.missing_networks(pipe.pipeline.manifest, name)
+        if missing and requested:
+            raise ValueError(f"--tasks {name}: the model folder {pipe.model_dir} has no {', '.join(missing)} "
+                             "(converted before the image and caption networks); re-run convert_weights.py, "
+                             "or leave the task out")
+        if missing:
+            skipped.append(f"{name} (no {', '.join(missing)})")
+        else:
+            served[name] = tasks.TASKS[name]
+    return served, skipped
+
+
+def warm_up(pipe, served: dict, batches) -> None:
+    """One tiny run (one step at the default size) of every served task per batch size: the first
+    request of a task does not pay loading its networks, nor (on the CUDA fast path) a graph capture
+    at the default size and scale."""
+    from PIL import Image
+
+    size = pipe.default_size
+    inputs = {"prompt": "warm-up", "image": Image.new("RGB", (size, size), (128, 128, 128)), None: None}
+    for b in batches:
+        for name, task in served.items():
+            x = inputs[task.input]
+            pipe.generate(name, None if x is None else [x] * b, n=b if x is None else 1, seeds=list(range(b)),
+                          batch=b, steps=1)
+
+
 def load(state, args) -> None:
     """In a thread while /health answers 503: import torch, load, warm the default size; then
     this thread runs the model for the batcher until the process exits."""
@@ -116,20 +169,21 @@ def load(state, args) -> None:
         from unidiffuser import UniDiffuser
         t0 = time.perf_counter()
         pipe = UniDiffuser.from_options(args.model_dir, opts)
+        served, skipped = served_tasks(pipe, args.tasks)
+        if skipped:
+            log.info("not serving %s: the model folder was converted before the image and caption networks",
+                     "; ".join(skipped))
         t1 = time.perf_counter()
-        state.status, state.reason = "warming", f"warming up {pipe.default_size}x{pipe.default_size}"
-        # One tiny generation at the default size: the first request does not pay the kernels'
-        # first run (and, on the CUDA fast path, the capture of the batch-1 graph at guidance 7).
-        pipe("warm-up", seed=0, steps=1)
-        for b in range(2, args.max_batch + 1) if args.warm_batches else ():
-            pipe(["warm-up"] * b, seeds=list(range(b)), batch=b, steps=1)
+        state.status, state.reason = "warming", (f"warming up {', '.join(served)} at "
+                                                 f"{pipe.default_size}x{pipe.default_size}")
+        warm_up(pipe, served, range(1, args.max_batch + 1) if args.warm_batches else (1,))
         t2 = time.perf_counter()
         info = {"default_size": pipe.default_size, "dtype": pipe.precision, "backend": pipe.backend,
                 "device": opts.device, "random_weights": pipe.random_weights}
-        log.info("ready: loaded in %.2f s, warmed up in %.2f s (%s, %s, %s%s)", t1 - t0, t2 - t1, opts.device,
-                 pipe.precision, f"{pipe.default_size}x{pipe.default_size}",
+        log.info("ready: loaded in %.2f s, warmed up in %.2f s (%s, %s, %s, tasks %s%s)", t1 - t0, t2 - t1, opts.device,
+                 pipe.precision, f"{pipe.default_size}x{pipe.default_size}", ",".join(served),
                  ", RANDOM weights" if pipe.random_weights else "")
-        batcher = state.ready(pipe, info)
+        batcher = state.ready(pipe, info, served)
     except (ValueError, OSError) as e:
         state.fail(e.render(cli.flag) if isinstance(e, limits.InputError) else str(e))
         return
@@ -153,7 +207,8 @@ def main(argv=None) -> int:
     from .app import ServerConfig, ServerState, create_app
 
     config = ServerConfig(api_key=args.api_key, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                          max_queue=args.max_queue, request_timeout_s=args.request_timeout_s, max_side=args.max_side)
+                          max_queue=args.max_queue, request_timeout_s=args.request_timeout_s, max_side=args.max_side,
+                          max_upload=int(args.max_upload_mib * (1 << 20)))
     state = ServerState(config)
     import uvicorn
 

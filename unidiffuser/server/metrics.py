@@ -134,11 +134,12 @@ class ServerMetrics:
         self.batch_requests = Histogram(r, "unidiffuser_batch_requests", "requests merged into one model call",
                                         buckets=(1, 2, 4, 8, 16, 32, 64))
         self.latency = Histogram(r, "unidiffuser_request_latency_seconds",
-                                 "time from a generation request's arrival to its answer", ("task",),
+                                 "time from a request's arrival to its answer", ("task",),
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300))
         self.queue_wait = Histogram(r, "unidiffuser_queue_wait_seconds", "time a request waited before its batch started",
                                     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 300))
         self.images = Counter(r, "unidiffuser_images_generated_total", "images generated (and answered)", ("task",))
+        self.texts = Counter(r, "unidiffuser_texts_generated_total", "texts generated (and answered)", ("task",))
         self.dropped = Counter(r, "unidiffuser_requests_dropped_total",
                                "accepted requests that never ran: client gone, timed out in the queue, draining",
                                ("reason",))
