@@ -84,13 +84,21 @@ cold start: process start -> first PNG on disk (512x512, 50 steps, page cache wa
 """
 
 
+# The chart needs matplotlib, a dev requirement only (not in the TensorRT-LLM image's pin set).
+CHART = importlib.util.find_spec("matplotlib") is not None
+
+
+def chart_args(path) -> list:
+    return ["--chart", path] if CHART else []
+
+
 def test_bench_reprints_the_run_of_record_identically(tmp_path):
     """--from-json docs/bench-h200.json prints the committed run's table exactly as the run did
-    (and draws its chart), without torch."""
-    r = bench("--from-json", ROOT / "docs" / "bench-h200.json", "--chart", tmp_path / "chart.png")
+    (and draws its chart where matplotlib is installed), without torch."""
+    r = bench("--from-json", ROOT / "docs" / "bench-h200.json", *chart_args(tmp_path / "chart.png"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == RUN_OF_RECORD
-    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not CHART or (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
@@ -196,6 +204,8 @@ def bad_reports(tmp_path) -> dict:
     (["--isolated-task", "t"], ["--isolated-task", "--isolated ours-fp16 or diffusers"]),
 ])
 def test_bench_refuses_bad_arguments_in_one_line_before_torch(tmp_path, args, names):
+    if "--chart" in args and not CHART and "does not exist" not in names:
+        pytest.skip("matplotlib is not installed here: --chart is refused for that first")
     bad_reports(tmp_path)
     lines, stdout = refused_early(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -220,7 +230,7 @@ def test_bench_smoke_test_on_the_cpu_finishes_with_a_sane_report(tmp_path):
     """The smoke test of bench.py's --help, in well under 2 minutes on a 2-core CPU: the tiny
     preset at its own size (128x128), the CUDA-only parts skipped, and saying so."""
     t0 = time.perf_counter()
-    r = bench(*SMOKE, "--json", tmp_path / "b.json", "--chart", tmp_path / "b.png", timeout=600)
+    r = bench(*SMOKE, "--json", tmp_path / "b.json", *chart_args(tmp_path / "b.png"), timeout=600)
     took = time.perf_counter() - t0
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert took < 120, took
@@ -239,8 +249,8 @@ def test_bench_smoke_test_on_the_cpu_finishes_with_a_sane_report(tmp_path):
     for name in ("text_encoder", "uvit", "decoder", "image_[-1,1]"):   # fp16 against fp32: close, not equal
         assert 0 < acc[name]["rel_l2"] < 0.05, (name, acc[name])
     assert acc["image_uint8_levels"]["max"] <= 32 and acc["image_uint8_levels"]["mean"] < 2
-    assert (tmp_path / "b.png").stat().st_size > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]   # the partial file is gone
+    assert not CHART or (tmp_path / "b.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"] + ["b.png"] * CHART   # the partial file is gone
     again = bench("--from-json", tmp_path / "b.json")
     assert again.returncode == 0 and "uvit_cfg                    1" in again.stdout, again.stderr
 
