@@ -49,9 +49,7 @@ def model(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory)
 
 
-# 3 ranks (a pair and a lone rank): one rank still ends by SIGABRT in gloo's teardown, not through
-# cli.run (the refusal itself is said once and nothing is written); left open, see the closing note.
-@pytest.mark.parametrize("nproc", [2])
+@pytest.mark.parametrize("nproc", [2, 3])   # a CFG pair; a pair and a lone rank
 def test_rank_0_refusing_existing_outputs_stops_every_rank(model, tmp_path, nproc):
     """Only the writing ranks look at --out; the others would go on to load and then wait for
     their partner in the first exchange."""
