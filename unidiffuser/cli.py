@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Callable, NoReturn
 
 from . import lifecycle
@@ -56,6 +57,7 @@ def speaks(e: BaseException | None = None) -> bool:
 
 
 _flags: dict[str, str] | None = None   # the running command's (run)
+SILENT_RANK_DELAY_S = 3.0
 
 
 def error_line(e: BaseException) -> str:
@@ -77,6 +79,10 @@ def _leave(code: int, line: str | None = None) -> NoReturn:
     lifecycle.uninstall()
     if line:
         print(line, file=sys.stderr)
+    elif code and _world_size() > 1:
+        # A rank that stays silent (its node's first rank says the line) lets that rank speak
+        # first: torchrun stops every rank as soon as one exits, even one that was about to print.
+        time.sleep(SILENT_RANK_DELAY_S)
     sys.exit(code)
 
 
