@@ -256,7 +256,7 @@ class CaptionDecoder(nn.Module):
     def _start(self, st: _Beams, text: torch.Tensor) -> None:
         """Run the prefix once (B rows), copy its keys/values to each item's K beams, and take
         the first token: the K most likely, scores = their log-probabilities, lengths 1."""
-        K, P, B = st.K, st.P, st.B
+        K, P = st.K, st.P
         h, kvs = self.gpt.transformer(self.decode_prefix(text))
         for i, (k, v) in enumerate(kvs):
             st.k[i, :, :, :P].copy_(k.repeat_interleave(K, dim=0))

@@ -17,7 +17,6 @@ from typing import Sequence
 
 from models.caption_decoder import clean_up_tokenization
 
-from .files import atomic_write_text
 from .tokenizer import _byte_symbols
 
 VOCAB_SIZE = 50257          # GPT-2's; the caption decoder adds <|EOS|> = 50257 after it
@@ -49,6 +48,7 @@ class CaptionTokenizer:
 def write_random_files(out_dir: Path) -> None:
     """A vocabulary of GPT-2's size and layout (ids 0-255 the byte symbols, <|endoftext|> last)
     with made-up words between, and an empty merge list: enough to decode random captions."""
+    from .files import atomic_write_text   # only random folders are written: decoding does not need it
     symbols = list(_byte_symbols().values())
     words = ("".join(p) for n in itertools.count(2) for p in itertools.product("etaoinshrdlucmfw", repeat=n))
     made_up = []

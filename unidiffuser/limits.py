@@ -22,6 +22,14 @@ MAX_BATCH = 4096   # images in one batch: far beyond what any GPU holds at 512x5
 MAX_SEED = 2**64   # torch.Generator.manual_seed takes [0, 2**64)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or model folder that is missing, unreadable or of the wrong layout."""
+
+
+def few(xs: list[str], n: int = 5) -> str:
+    return ", ".join(xs[:n]) + (f" and {len(xs) - n} more" if len(xs) > n else "")
+
+
 class InputError(ValueError):
     """A bad input. `template` is str.format text in which {name} fields are parameter names
     and {0}, {1}, ... the given values (inserted as given, never parsed as a template)."""

@@ -21,7 +21,7 @@ import torch
 from models.config import ModelConfig
 
 from . import backends, limits, parallel, sampler
-from .backends.torch_backend import capture_graph
+from .backends.graphs import capture_graph
 from .guidance import Shapes, guided, noise_inputs, split
 from .options import Options
 from .tasks import IMG, MODES, TASKS, TEXT, Mode

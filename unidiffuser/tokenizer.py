@@ -27,7 +27,6 @@ import ftfy
 import regex
 import torch
 
-from .files import atomic_write_text
 from .limits import JSONError, read_json
 
 log = logging.getLogger("unidiffuser")
@@ -74,6 +73,7 @@ def bundled_bpe_path() -> Path:
 
 def write_tokenizer_files(out_dir: Path, bpe_path: Path | None = None) -> None:
     """Write vocab.json and merges.txt for CLIP's BPE into out_dir."""
+    from .files import atomic_write_text   # only conversion writes: the runtime tokenizer does not need it
     bpe_path = bpe_path or bundled_bpe_path()
     with gzip.open(bpe_path) as f:
         merges = f.read().decode("utf-8").split("\n")[1:NUM_MERGES + 1]

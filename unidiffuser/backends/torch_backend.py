@@ -5,7 +5,6 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -14,6 +13,7 @@ from models.config import ModelConfig
 
 from ..weights.folders import require_network
 from ..weights.loading import load_networks
+from .graphs import capture_graph
 from .warmup import warm_up_in_background
 
 log = logging.getLogger("unidiffuser")
@@ -137,21 +137,6 @@ class TorchBackend:
         static.copy_(x)
         graph.replay()
         return out.clone()
-
-
-def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Run fn once on a side stream, so that handles, autotuning and compilation happen outside
-    the capture, then capture fn. Replaying the graph recomputes the returned tensor from fn's
-    current inputs."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def make_fast(uvit: torch.nn.Module, vae_decoder: torch.nn.Module) -> None:

@@ -4,8 +4,6 @@ allocator cache, compiled code) is left, so the peak memory is that path's own a
 run as they would standalone."""
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 
@@ -17,12 +15,10 @@ from ..backends.torch_backend import TorchBackend
 from ..pipeline import Pipeline
 from ..weights import loading
 from . import ROOT
+from .child import run_child
 from .nets import make_tokenizer, prompts, random_networks, request
 from .peers import diffusers_pipeline
 from .timing import sync, time_ms
-
-MARK = "ISOLATED "   # the line of the child's stdout that carries its JSON
-
 
 def build(mode: str, args, cfg, device, dtype, tok, out: dict):
     """The path `mode`: (batch sizes it runs at, B -> the call of one batch)."""
@@ -83,26 +79,6 @@ def run_isolated(mode: str, args) -> dict | None:
     res = run_child(cmd, f"isolated {mode}")
     if res is not None:
         res["end_to_end"] = {int(B): r for B, r in res["end_to_end"].items()}
-    return res
-
-
-def run_child(cmd: list[str], label: str, timeout: float | None = None) -> dict | None:
-    """The JSON that a `bench.py --isolated ...` process prints on its MARK line, with its
-    process_s (start to exit); None, said in one line, if it failed or ran past `timeout` seconds."""
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        print(tail.rstrip()[-3000:] + f"\n{label} stopped: still running after {timeout:.0f} s", flush=True)
-        return None
-    print(p.stderr.rstrip()[-3000:], flush=True)
-    lines = [line for line in p.stdout.splitlines() if line.startswith(MARK)]
-    if p.returncode != 0 or not lines:
-        print(f"{label} failed (exit {p.returncode})", flush=True)
-        return None
-    res = json.loads(lines[-1][len(MARK):])
-    res["process_s"] = time.perf_counter() - t0
     return res
 
 

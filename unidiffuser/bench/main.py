@@ -20,7 +20,8 @@ from .chart import chart
 from .cold_start import cold_start
 from .components import components
 from .end_to_end import end_to_end
-from .isolated import MARK, isolated_main, run_all_isolated
+from .child import MARK
+from .isolated import isolated_main, run_all_isolated
 from .nets import Paths, build_paths
 from .peers import diffusers_pipeline
 from .profiling import profile_uvit

@@ -21,7 +21,7 @@ from models.config import PRESETS
 
 from ..weights import loading
 from . import ROOT
-from .isolated import run_child
+from .child import run_child
 from .task_calls import GUIDANCE, diffusers_call, ours_call, task_input, write_input_image
 from .timing import Clock, sync
 

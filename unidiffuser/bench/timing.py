@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.torch_backend import capture_graph
+from ..backends.graphs import capture_graph
 
 
 def sync(device):

@@ -19,8 +19,9 @@ from pathlib import Path
 from models.config import ModelConfig
 
 from ..files import sha256
-from ..limits import MAX_SIDE, JSONError, read_json
+from ..limits import MAX_SIDE, CheckpointError, JSONError, few, read_json
 from ..networks import HUB_FILES, HUB_FOLDERS, HUB_REPO, NAMES, NETWORKS, ORIGINALS
+
 
 MARKER, VERSION = "unidiffuser-model-folder", 2
 MANIFEST = "manifest.json"
@@ -40,10 +41,6 @@ TEXT_TOKENS, VOCAB_SIZE = 77, 49408
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or model folder that is missing, unreadable or of the wrong layout."""
-
-
 def placement_help(src: Path) -> str:
     return (f"Place the original files like this and pass --src {src}:\n"
             + "".join(f"  {src}/{f:<24} from https://huggingface.co/{HUB_REPO}\n" for f in HUB_FILES)
@@ -61,10 +58,6 @@ def all_files(folder: Path) -> list[str]:
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             out.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(out)
-
-
-def few(xs: list[str], n: int = 5) -> str:
-    return ", ".join(xs[:n]) + (f" and {len(xs) - n} more" if len(xs) > n else "")
 
 
 def read_manifest_json(model_dir: Path) -> dict:
@@ -220,7 +213,7 @@ def check_config_types(cfg: ModelConfig, path: Path) -> None:
                 ok = isinstance(v, tuple) and 0 < len(v) <= 8 and all(type(x) is int and 0 < x <= MAX_INT for x in v)
             if not ok:
                 want = {bool: "true/false", str: "a string", int: f"a positive integer of at most {MAX_INT}",
-                        float: "a positive finite number"}.get(type(d), f"a list of 1 to 8 positive integers")
+                        float: "a positive finite number"}.get(type(d), "a list of 1 to 8 positive integers")
                 raise CheckpointError(f"{path}: {net}.{f.name} must be {want}, got {v!r}; "
                                       "re-run convert_weights.py")
 

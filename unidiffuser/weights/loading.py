@@ -17,10 +17,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..limits import JSONError, parse_json
+from ..limits import CheckpointError, JSONError, few, parse_json
 from ..networks import NAMES, NETWORKS, build
 from . import prefetch
-from .folders import CheckpointError, few
 
 log = logging.getLogger("unidiffuser")
 
