@@ -23,8 +23,6 @@ through a temporary file while the body is parsed), the page's files are fixed.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import re
 import secrets
@@ -42,6 +40,7 @@ from .batcher import Job, QueueFull
 from .errors import APIError, bad
 from .gate import Gate
 from .parsing import CAPTION_FIELDS, ENDPOINTS, MAX_N, VARIATION_FIELDS, parse_generation, parse_task_request, read_json
+from .responses import encode_samples, error_response, output_body
 from .state import ServerState
 from .uploads import parse_upload
 
@@ -49,33 +48,6 @@ log = logging.getLogger("unidiffuser.server")
 
 STATIC = Path(__file__).resolve().parent / "static"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def png_b64(images) -> list[str]:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
-
-
-def encode_samples(samples: list[tasks.Sample], seeds: list[int]) -> list[dict]:
-    """Each sample as a response item: its PNG (b64_json) and/or its text, and its seed."""
-    items = []
-    for sample, seed in zip(samples, seeds):
-        item = {}
-        if sample.image is not None:
-            item["b64_json"] = png_b64([sample.image])[0]
-        if sample.text is not None:
-            item["text"] = sample.text
-        item["seed"] = seed
-        items.append(item)
-    return items
-
-
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), err.status, headers=err.headers)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -189,14 +161,7 @@ def create_app(state: ServerState) -> FastAPI:
         if "text" in task.outputs:
             state.metrics.texts.inc(key.task, by=len(items))
         state.metrics.latency.observe(time.monotonic() - t0, key.task)
-        body = {"created": int(time.time()), **(top or {}), "data": items, "model": cfg.model_id}
-        if "image" in task.outputs:
-            body.update({"output_format": "png", "size": f"{key.width}x{key.height}"})
-        body["settings"] = {
-            "task": key.task, "seeds": seeds, "num_inference_steps": key.steps,
-            "guidance_scale": key.scale if task.guided else None, "width": key.width, "height": key.height,
-            **(extra or {}), "batch_images": outcome.batch_images, "batch_requests": outcome.batch_requests,
-            "queue_s": round(outcome.queue_s, 4), "run_s": round(outcome.run_s, 4)}
+        body = output_body(items, outcome, task, key, seeds, cfg.model_id, extra, top)
         return JSONResponse(body, headers={"X-Request-Id": rid})
 
     @app.post("/v1/images/generations")
