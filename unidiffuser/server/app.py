@@ -53,8 +53,15 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def create_app(state: ServerState) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and this server works offline.
     app = FastAPI(title="UniDiffuser", docs_url=None, redoc_url=None, openapi_url=None)
-    cfg = state.config
+    add_error_handlers(app)
+    add_status_routes(app, state)
+    add_model_routes(app, state)
+    add_task_routes(app, state)
+    add_page(app)
+    return Gate(app, state)
 
+
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return error_response(exc)
@@ -83,6 +90,11 @@ def create_app(state: ServerState) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
+
+def add_status_routes(app: FastAPI, state: ServerState) -> None:
+    """/health, /metrics and the progress of a request in flight."""
+    cfg = state.config
+
     @app.get("/health")
     async def health():
         if state.status != "ok":
@@ -95,6 +107,21 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/requests/{request_id}")
+    async def progress(request_id: str = PathParam(pattern=REQUEST_ID.pattern)):
+        job = state.jobs.get(request_id)
+        if job is None:
+            raise APIError(404, f"no request {request_id!r} in flight (finished, never sent, or not yet arrived)",
+                           "request_id", "not_found")
+        b = state.batcher
+        return {"id": job.id, "object": "request.progress", "status": job.state, "n": job.n,
+                "queue_position": b.position(job) if b else None,
+                "steps_done": job.steps_done, "steps_total": job.steps_total or job.key.steps * state.tasks[job.key.task].solver_runs}
+
+
+def add_model_routes(app: FastAPI, state: ServerState) -> None:
+    cfg = state.config
 
     def model_card() -> dict:
         return {"id": cfg.model_id, "object": "model", "created": state.created, "owned_by": "thu-ml",
@@ -111,58 +138,9 @@ def create_app(state: ServerState) -> FastAPI:
                            "model", "model_not_found")
         return model_card()
 
-    @app.get("/v1/requests/{request_id}")
-    async def progress(request_id: str = PathParam(pattern=REQUEST_ID.pattern)):
-        job = state.jobs.get(request_id)
-        if job is None:
-            raise APIError(404, f"no request {request_id!r} in flight (finished, never sent, or not yet arrived)",
-                           "request_id", "not_found")
-        b = state.batcher
-        return {"id": job.id, "object": "request.progress", "status": job.state, "n": job.n,
-                "queue_position": b.position(job) if b else None,
-                "steps_done": job.steps_done, "steps_total": job.steps_total or job.key.steps * state.tasks[job.key.task].solver_runs}
 
-    def take_request_id(request: Request) -> str:
-        rid = request.headers.get("x-request-id") or secrets.token_hex(12)
-        if not REQUEST_ID.fullmatch(rid):
-            raise bad("X-Request-Id must be 1-64 letters, digits, '.', '_' or '-'", "x-request-id")
-        return rid
-
-    async def run(request: Request, rid: str, key: tasks.BatchKey, inputs: list, seeds: list[int], t0: float,
-                  extra: dict | None = None, top: dict | None = None) -> Response:
-        """Queue one request's samples, wait for its batch, answer its own outputs."""
-        batcher = state.require_ready()
-        if rid in state.jobs:        # checked and taken with no await between: one job per id
-            raise bad(f"a request with X-Request-Id {rid!r} is already in flight", "x-request-id", "duplicate_request_id")
-        job = Job(rid, key, inputs, seeds, deadline=time.monotonic() + cfg.request_timeout_s)
-        state.jobs[rid] = job
-        try:
-            batcher.submit(job)
-        except QueueFull as e:
-            state.jobs.pop(rid, None)
-            raise APIError(429, f"the queue is full ({cfg.max_queue} requests waiting, --max-queue); retry after "
-                                f"{e.retry_after} s", code="queue_full", headers={"Retry-After": str(e.retry_after)})
-        except APIError:
-            state.jobs.pop(rid, None)
-            raise
-        try:
-            outcome = await wait(request, job, state)
-        finally:
-            state.jobs.pop(rid, None)
-        if outcome is None:          # the client went away
-            return Response(status_code=499)
-        if outcome.error is not None:
-            raise outcome.error
-        items = await asyncio.get_running_loop().run_in_executor(None, encode_samples, outcome.outputs, seeds)
-        task = state.tasks[key.task]
-        n_images = sum("b64_json" in d for d in items)
-        if n_images:
-            state.metrics.images.inc(key.task, by=n_images)
-        if "text" in task.outputs:
-            state.metrics.texts.inc(key.task, by=len(items))
-        state.metrics.latency.observe(time.monotonic() - t0, key.task)
-        body = output_body(items, outcome, task, key, seeds, cfg.model_id, extra, top)
-        return JSONResponse(body, headers={"X-Request-Id": rid})
+def add_task_routes(app: FastAPI, state: ServerState) -> None:
+    """One route per endpoint of the tasks; each checks its request, then `run` queues it."""
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
@@ -171,7 +149,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.require_ready()
         rid = take_request_id(request)
         key, prompts, seeds = parse_generation(await read_json(request), state)
-        return await run(request, rid, key, prompts, seeds, t0)
+        return await run(request, state, rid, key, prompts, seeds, t0)
 
     @app.post("/v1/generations")
     async def task_generations(request: Request):
@@ -180,7 +158,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.require_ready()
         rid = take_request_id(request)
         key, inputs, seeds = parse_task_request(await read_json(request), state)
-        return await run(request, rid, key, inputs, seeds, t0, top={"task": key.task})
+        return await run(request, state, rid, key, inputs, seeds, t0, top={"task": key.task})
 
     async def image_task(request: Request, name: str, allowed: tuple[str, ...]) -> Response:
         t0 = time.monotonic()
@@ -188,7 +166,7 @@ def create_app(state: ServerState) -> FastAPI:
         task = state.task(name)
         rid = take_request_id(request)
         key, inputs, seeds, record = await parse_upload(request, state, task, allowed)
-        return await run(request, rid, key, inputs, seeds, t0, extra={"image": record})
+        return await run(request, state, rid, key, inputs, seeds, t0, extra={"image": record})
 
     @app.post("/v1/images/variations")
     async def variations(request: Request):
@@ -200,6 +178,8 @@ def create_app(state: ServerState) -> FastAPI:
         """Captioning (i2t): multipart like variations; texts."""
         return await image_task(request, "i2t", CAPTION_FIELDS)
 
+
+def add_page(app: FastAPI) -> None:
     @app.get("/")
     async def index():
         return FileResponse(STATIC / "index.html", headers={
@@ -207,7 +187,51 @@ def create_app(state: ServerState) -> FastAPI:
             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return Gate(app, state)
+
+
+def take_request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id") or secrets.token_hex(12)
+    if not REQUEST_ID.fullmatch(rid):
+        raise bad("X-Request-Id must be 1-64 letters, digits, '.', '_' or '-'", "x-request-id")
+    return rid
+
+
+async def run(request: Request, state: ServerState, rid: str, key: tasks.BatchKey, inputs: list, seeds: list[int],
+              t0: float, extra: dict | None = None, top: dict | None = None) -> Response:
+    """Queue one request's samples, wait for its batch, answer its own outputs."""
+    cfg = state.config
+    batcher = state.require_ready()
+    if rid in state.jobs:        # checked and taken with no await between: one job per id
+        raise bad(f"a request with X-Request-Id {rid!r} is already in flight", "x-request-id", "duplicate_request_id")
+    job = Job(rid, key, inputs, seeds, deadline=time.monotonic() + cfg.request_timeout_s)
+    state.jobs[rid] = job
+    try:
+        batcher.submit(job)
+    except QueueFull as e:
+        state.jobs.pop(rid, None)
+        raise APIError(429, f"the queue is full ({cfg.max_queue} requests waiting, --max-queue); retry after "
+                            f"{e.retry_after} s", code="queue_full", headers={"Retry-After": str(e.retry_after)})
+    except APIError:
+        state.jobs.pop(rid, None)
+        raise
+    try:
+        outcome = await wait(request, job, state)
+    finally:
+        state.jobs.pop(rid, None)
+    if outcome is None:          # the client went away
+        return Response(status_code=499)
+    if outcome.error is not None:
+        raise outcome.error
+    items = await asyncio.get_running_loop().run_in_executor(None, encode_samples, outcome.outputs, seeds)
+    task = state.tasks[key.task]
+    n_images = sum("b64_json" in d for d in items)
+    if n_images:
+        state.metrics.images.inc(key.task, by=n_images)
+    if "text" in task.outputs:
+        state.metrics.texts.inc(key.task, by=len(items))
+    state.metrics.latency.observe(time.monotonic() - t0, key.task)
+    body = output_body(items, outcome, task, key, seeds, cfg.model_id, extra, top)
+    return JSONResponse(body, headers={"X-Request-Id": rid})
 
 
 async def wait(request: Request, job: Job, state: ServerState):
