@@ -23,539 +23,45 @@ through a temporary file while the body is parsed), the page's files are fixed.
 from __future__ import annotations
 
 import asyncio
-import base64
-import concurrent.futures
-import hmac
-import io
-import ipaddress
-import json
 import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Path as PathParam, Request
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import limits
-from ..images import InputImage, read_image_bytes
 from . import tasks
-from .batcher import Batcher, Job, QueueFull
+from .batcher import Job, QueueFull
 from .errors import APIError, bad
-from .metrics import ServerMetrics
+from .gate import Gate
+from .parsing import CAPTION_FIELDS, ENDPOINTS, MAX_N, VARIATION_FIELDS, parse_generation, parse_task_request, read_json
+from .responses import encode_samples, error_response, output_body
+from .state import ServerState
+from .uploads import parse_upload
 
 log = logging.getLogger("unidiffuser.server")
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_N = 10                        # images per request, as OpenAI's Images API
-MAX_PROMPT_CHARS = 4000           # as OpenAI's dall-e-3; CLIP reads the first 77 tokens anyway
-MAX_BODY = 64 * 1024              # bytes of a JSON request body (a prompt and a few numbers)
-MAX_SEED = 2**64                  # torch.Generator.manual_seed takes [0, 2**64)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-PUBLIC = ("/", "/health", "/favicon.ico")   # and /static/*: no key needed (they hold no data)
-
-# OpenAI's Images API parameters this server has no equivalent for: refused with a 400 naming
-# them rather than silently ignored (the official client sends none of them unless asked).
-UNSUPPORTED = ("quality", "style", "user", "background", "moderation", "output_compression", "partial_images",
-               "stream", "safety_identifier", "input_fidelity", "svg", "complexity", "frame_count",
-               "frame_duration_ms")
-SETTINGS = ("model", "n", "size", "seed", "num_inference_steps", "guidance_scale")
-GENERATION_FIELDS = (*SETTINGS, "prompt", "response_format", "output_format", "task")   # /v1/images/generations
-TASK_FIELDS = ("task", *SETTINGS, "prompt", "response_format", "output_format")         # /v1/generations
-VARIATION_FIELDS = ("image", *SETTINGS, "response_format", "output_format")            # /v1/images/variations
-CAPTION_FIELDS = ("image", *SETTINGS)                                                  # /v1/images/captions
-DEFAULT_SCALE = 7.0               # also the batch key's scale of a task without guidance (i, t)
-MAX_UPLOAD = 16 << 20             # bytes of a multipart body (one image file and a few fields)
-MAX_FORM_FIELD = 64 * 1024        # bytes of one non-file field of a multipart body
-
-# Where each task's requests go (the messages that send a client elsewhere, the page).
-ENDPOINTS = {"t2i": "/v1/images/generations", "i2t": "/v1/images/captions", "i2t2i": "/v1/images/variations",
-             "joint": "/v1/generations", "i": "/v1/generations", "t": "/v1/generations", "t2i2t": "/v1/generations"}
-# One thread decodes uploads, off the event loop: a 16 MiB PNG can take a second and hold
-# hundreds of MB while decoding, and one at a time bounds both.
-DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unidiffuser-decode")
-
-
-@dataclass
-class ServerConfig:
-    model_id: str = "unidiffuser"
-    api_key: str | None = None
-    max_batch: int = 8
-    batch_wait_ms: float = 10.0
-    max_queue: int = 64
-    request_timeout_s: float = 300.0
-    max_side: int = limits.MAX_SIDE
-    max_upload: int = MAX_UPLOAD      # bytes of a multipart body (--max-upload-mib)
-
-
-class ServerState:
-    """What the routes share: the status, the pipeline's batcher once loaded, metrics, jobs."""
-
-    def __init__(self, config: ServerConfig):
-        self.config = config
-        self.status, self.reason = "loading", "loading the model"
-        self.failure: str | None = None
-        self.stop = lambda: None          # set by main: stops the HTTP server
-        self.batcher: Batcher | None = None
-        self.tasks: dict[str, tasks.Task] = {}     # what this server runs, once ready
-        self.default_size = 512
-        self.model_info: dict = {}
-        self.jobs: dict[str, Job] = {}
-        self.created = int(time.time())
-        self.metrics = ServerMetrics(lambda: self.batcher.queue_depth if self.batcher else 0,
-                                     lambda: self.batcher.running_images if self.batcher else 0)
-
-    def ready(self, pipe, model_info: dict, served: dict[str, tasks.Task] | None = None) -> Batcher:
-        """The model is loaded and warm: requests are accepted from now on, for the `served` tasks
-        (default: every task). The caller runs the returned batcher's loop (`work()`), in the
-        thread that loaded the model."""
-        self.default_size = pipe.default_size
-        self.model_info = model_info
-        self.tasks = dict(tasks.TASKS if served is None else served)
-        self.batcher = Batcher(pipe, self.config.max_batch, self.config.batch_wait_ms / 1000, self.config.max_queue,
-                               tasks=self.tasks, on_batch=self._on_batch)
-        self.status, self.reason = "ok", ""
-        return self.batcher
-
-    def fail(self, message: str) -> None:
-        """Loading failed: the command says `message` in one line and exits 2."""
-        self.failure, self.status, self.reason = message, "failed", message
-        self.stop()
-
-    def _on_batch(self, jobs: list[Job], outcomes: list) -> None:
-        self.metrics.batch_size.observe(outcomes[0].batch_images)
-        self.metrics.batch_requests.observe(outcomes[0].batch_requests)
-        if outcomes[0].error is not None:
-            self.metrics.failed_batches.inc()
-        for o in outcomes:
-            self.metrics.queue_wait.observe(o.queue_s)
-
-    DRAINING = "shutting down (SIGTERM): finishing the running batch, accepting nothing new"
-
-    def begin_drain(self) -> None:
-        self.status, self.reason = "draining", self.DRAINING
-        if self.batcher is not None:
-            for _ in self.batcher.drain():
-                self.metrics.dropped.inc("draining")
-
-    def task(self, name: str, param: str | None = None, status: int = 404) -> tasks.Task:
-        """A task this server runs, or the error that says it does not (tasks.require)."""
-        return tasks.require(name, self.tasks, param, status)
-
-    def require_ready(self) -> Batcher:
-        if self.status != "ok" or self.batcher is None:
-            raise APIError(503, f"the server is not ready: {self.status} ({self.reason})", code=self.status,
-                           headers={"Retry-After": "5"} if self.status in ("loading", "warming") else None)
-        return self.batcher
-
-
-# ---- request parsing ---------------------------------------------------------------------------
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _limit(check, param: str, cli_name: str, *args) -> None:
-    """unidiffuser.limits' rule and message, with the API's parameter name for the CLI's flag."""
-    try:
-        check(*args)
-    except ValueError as e:
-        raise bad(str(e).replace(f"--{cli_name}", param), param) from None
-
-
-def parse_size(value, default: int, max_side: int) -> tuple[int, int]:
-    """'WxH' (or 'auto' / absent: the model's default) -> (height, width), the CLI's rules."""
-    if value is None or value == "auto":
-        return default, default
-    m = re.fullmatch(r"(\d{1,6})x(\d{1,6})", value) if isinstance(value, str) else None
-    if m is None:
-        raise bad(f"size must be 'WIDTHxHEIGHT' in pixels (e.g. '{default}x{default}') or 'auto', got {value!r}", "size")
-    width, height = int(m[1]), int(m[2])
-    for name, side in (("width", width), ("height", height)):
-        try:
-            limits.check_side(name, side)
-        except ValueError as e:
-            raise bad(f"size {value}: {str(e).removeprefix('--')}", "size") from None
-        if side > max_side:
-            raise bad(f"size {value}: {name} must be at most {max_side} on this server (--max-side), got {side}", "size")
-    return height, width
-
-
-def check_fields(body: dict, allowed: tuple[str, ...], endpoint: str) -> None:
-    """OpenAI parameters we have no equivalent for and unknown ones: 400 naming them."""
-    for k, v in body.items():
-        if k in UNSUPPORTED:
-            if v is not None:
-                raise bad(f"{k} is not supported by this server (UniDiffuser has no such setting); leave it out",
-                          k, "unsupported_parameter")
-        elif k not in allowed:
-            raise bad(f"unknown parameter {k!r}; {endpoint} takes {', '.join(allowed)}", k, "unknown_parameter")
-
-
-def check_model(model, state: ServerState) -> None:
-    if model is None:
-        return
-    if not isinstance(model, str):
-        raise bad(f"model must be a string, got {model!r}", "model")
-    if model != state.config.model_id:
-        raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists: {state.config.model_id}",
-                       "model", "model_not_found")
-
-
-def parse_prompt(prompt) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise bad("prompt is required: a non-empty string", "prompt", "missing_prompt" if prompt is None else "invalid_value")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise bad(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}", "prompt")
-    return prompt
-
-
-def check_formats(get) -> None:
-    fmt = get("response_format")
-    if fmt is not None and fmt != "b64_json":
-        raise bad(f"response_format {fmt!r} is not supported: this server answers images inline only "
-                  "(b64_json); it keeps no files to link to", "response_format", "unsupported_value")
-    out = get("output_format")
-    if out is not None and out != "png":
-        raise bad(f"output_format {out!r} is not supported: images are PNG", "output_format", "unsupported_value")
-
-
-def parse_settings(get, state: ServerState, task: tasks.Task) -> tuple[tasks.BatchKey, list[int]]:
-    """n, size, steps, scale and seed: the batch key and each sample's seed (sample i: seed + i)."""
-    n = 1 if get("n") is None else get("n")
-    if not _is_int(n) or not 1 <= n <= MAX_N:
-        raise bad(f"n must be an integer in 1..{MAX_N}, got {n!r}", "n")
-    height, width = parse_size(get("size"), state.default_size, state.config.max_side)
-    steps = 50 if get("num_inference_steps") is None else get("num_inference_steps")
-    _limit(limits.check_steps, "num_inference_steps", "steps", steps)
-    scale = DEFAULT_SCALE if get("guidance_scale") is None else get("guidance_scale")
-    _limit(limits.check_scale, "guidance_scale", "scale", scale)
-    seed = get("seed")
-    if seed is None:                  # OpenAI's API has no seed: a fresh one, answered with the outputs
-        seed = secrets.randbelow(2**32)
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED - n:
-        raise bad(f"seed must be an integer in [0, 2**64 - {n}] (sample i uses seed + i, {n} sample(s)), got {seed!r}",
-                  "seed")
-    # A task without guidance (i, t) ignores the scale: one key for all its requests, so they merge.
-    key = tasks.BatchKey(task.name, height, width, steps, float(scale) if task.guided else DEFAULT_SCALE)
-    return key, [seed + i for i in range(n)]
-
-
-def wrong_endpoint(name: str, here: str) -> APIError:
-    there = ENDPOINTS[name]
-    how = f'POST {there} with "task": "{name}"' if there == "/v1/generations" else f"POST {there}" + (
-        " (multipart/form-data with the image file)" if tasks.TASKS[name].input == "image" else "")
-    return bad(f"task {name} ({tasks.KNOWN[name]}) is not run by {here}: {how}", "task", "wrong_endpoint")
-
-
-def parse_generation(body: dict, state: ServerState) -> tuple[tasks.BatchKey, list[str], list[int]]:
-    """POST /v1/images/generations: text to image."""
-    check_fields(body, GENERATION_FIELDS, "this endpoint")
-    get = body.get
-    check_model(get("model"), state)
-    name = get("task") if get("task") is not None else "t2i"
-    if not isinstance(name, str):
-        raise bad(f"task must be a string, got {name!r}", "task")
-    if name != "t2i":
-        state.task(name, "task", status=400)      # not a task, or not on this server
-        raise wrong_endpoint(name, "/v1/images/generations")
-    task = state.task("t2i")
-    prompt = parse_prompt(get("prompt"))
-    check_formats(get)
-    key, seeds = parse_settings(get, state, task)
-    return key, [prompt] * len(seeds), seeds
-
-
-def parse_task_request(body: dict, state: ServerState) -> tuple[tasks.BatchKey, list, list[int]]:
-    """POST /v1/generations: a task whose input is a prompt or nothing."""
-    check_fields(body, TASK_FIELDS, "this endpoint")
-    get = body.get
-    name = get("task")
-    if name is None:
-        here = [t for t in state.tasks if tasks.TASKS[t].input != "image"]
-        raise bad(f"task is required: one of {', '.join(here)}", "task", "missing_task")
-    if not isinstance(name, str):
-        raise bad(f"task must be a string, got {name!r}", "task")
-    task = state.task(name, "task", status=400)
-    if task.input == "image":
-        raise wrong_endpoint(name, "/v1/generations")
-    check_model(get("model"), state)
-    if task.input == "prompt":
-        prompt = parse_prompt(get("prompt"))
-    elif get("prompt") is not None:
-        raise bad(f"task {name} ({tasks.KNOWN[name]}) takes no prompt; leave it out", "prompt")
-    check_formats(get)
-    key, seeds = parse_settings(get, state, task)
-    return key, [prompt if task.input == "prompt" else None] * len(seeds), seeds
-
-
-INT_FIELDS, FLOAT_FIELDS = ("n", "seed", "num_inference_steps"), ("guidance_scale",)
-
-
-def typed_form(fields: dict[str, str]) -> dict:
-    """A multipart form's text fields with the numbers as numbers (a field that does not parse
-    stays a string, and its check says what it must be)."""
-    out = {}
-    for k, v in fields.items():
-        text = v.strip()
-        if k in INT_FIELDS and re.fullmatch(r"[+-]?\d{1,30}", text):
-            v = int(text)
-        elif k in FLOAT_FIELDS and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)",
-                                                text, re.IGNORECASE):
-            v = float(text)           # inf and nan are refused by the scale's check
-        out[k] = v
-    return out
-
-
-async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
-    """A multipart/form-data body, at most `limit` bytes: its text fields and its files
-    ({field: (filename, bytes)}), each field given once."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
-        raise APIError(415, f"Content-Type must be multipart/form-data with the image file, got {ctype or 'none'!r} "
-                            "(curl: -F image=@photo.png)", code="unsupported_media_type")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body is {length} bytes; this server accepts at most {limit} "
-                            "(--max-upload-mib)", code="body_too_large")
-
-    async def bounded():
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body is larger than {limit} bytes, the most this server accepts "
-                                    "(--max-upload-mib)", code="body_too_large")
-            yield chunk
-
-    parser = MultiPartParser(request.headers, bounded(), max_files=2, max_fields=16, max_part_size=MAX_FORM_FIELD)
-    try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise bad(f"the request body is not valid multipart/form-data: {e.message}", code="invalid_multipart") from None
-    fields: dict[str, str] = {}
-    files: dict[str, tuple[str, bytes]] = {}
-    try:
-        for k, v in form.multi_items():
-            if k in fields or k in files:
-                raise bad(f"{k} is given more than once; give it once", k)
-            if isinstance(v, UploadFile):
-                files[k] = (v.filename or "", await v.read())
-            else:
-                fields[k] = v
-    finally:
-        await form.close()
-    return fields, files
-
-
-def upload_name(filename: str) -> str:
-    """The client's file name, as the messages quote it (bounded, printable)."""
-    name = "".join(c if c.isprintable() else "?" for c in Path(filename.replace("\\", "/")).name)[:100]
-    return name or "upload"
-
-
-def centre_square(inp: InputImage) -> InputImage:
-    """Only the centred square of side min(w, h) is ever read (images.center_crop), so a queued
-    request keeps that alone: cropping is exact (the pipeline's crop of the square is the square)."""
-    w, h = inp.image.size
-    side = min(w, h)
-    top, left = (h - side) // 2, (w - side) // 2
-    return InputImage(inp.image.crop((left, top, left + side, top + side)), inp.name, inp.sha256)
-
-
-async def parse_upload(request: Request, state: ServerState, task: tasks.Task, allowed: tuple[str, ...]):
-    """A multipart request of an image task: (key, inputs, seeds, the image's record)."""
-    fields, files = await read_form(request, state.config.max_upload)
-    for k in files:
-        if k != "image":
-            raise bad(f"unknown file {k!r}; this endpoint takes one file, image", k, "unknown_parameter")
-    if "image" in fields:
-        raise bad("image must be a file part (curl: -F image=@photo.png), not a text field", "image")
-    body = typed_form(fields)
-    check_fields(body, tuple(a for a in allowed if a != "image"), "this endpoint")
-    get = body.get
-    check_model(get("model"), state)
-    check_formats(get)
-    key, seeds = parse_settings(get, state, task)
-    if "image" not in files:
-        raise bad("image is required: the image file to read (PNG, JPEG, WebP, GIF, ...)", "image", "missing_image")
-    filename, data = files["image"]
-    name = upload_name(filename)
-    if not data:
-        raise bad(f"image {name}: the file is empty", "image")
-    try:        # the CLI's checks and conversion (unidiffuser/images.py), in the decoding thread
-        inp = await asyncio.get_running_loop().run_in_executor(DECODER, read_image_bytes, data, name, "image")
-    except limits.InputError as e:
-        raise bad(e.render(), "image", "invalid_image") from None
-    record = {"name": inp.name, "sha256": inp.sha256, "size": list(inp.image.size)}
-    inp = centre_square(inp)
-    return key, [inp] * len(seeds), seeds, record
-
-
-async def read_json(request: Request, limit: int = MAX_BODY) -> dict:
-    # application/json only: a web page elsewhere cannot then send a request here from a visitor's
-    # browser without the CORS preflight this server never grants (a form's text/plain could).
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r} "
-                            "(curl: -H 'Content-Type: application/json')", code="unsupported_media_type")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
-                       code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes, the most this server accepts",
-                           code="body_too_large")
-        chunks.append(chunk)
-
-    def no_constants(c):
-        raise ValueError(f"{c} is not a JSON number")
-
-    try:
-        body = json.loads(b"".join(chunks), parse_constant=no_constants)
-    except (ValueError, RecursionError) as e:
-        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object", code="invalid_json")
-    return body
-
-
-def png_b64(images) -> list[str]:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
-
-
-def encode_samples(samples: list[tasks.Sample], seeds: list[int]) -> list[dict]:
-    """Each sample as a response item: its PNG (b64_json) and/or its text, and its seed."""
-    items = []
-    for sample, seed in zip(samples, seeds):
-        item = {}
-        if sample.image is not None:
-            item["b64_json"] = png_b64([sample.image])[0]
-        if sample.text is not None:
-            item["text"] = sample.text
-        item["seed"] = seed
-        items.append(item)
-    return items
-
-
-def endpoint_label(path: str) -> str:
-    """The metrics label of a path: a route template, never the raw path (bounded cardinality)."""
-    if path in ("/", "/health", "/metrics", "/v1/models", "/v1/images/generations", "/v1/images/variations",
-                "/v1/images/captions", "/v1/generations"):
-        return path
-    for prefix, label in (("/v1/models/", "/v1/models/{id}"), ("/v1/requests/", "/v1/requests/{id}"),
-                          ("/static/", "/static")):
-        if path.startswith(prefix):
-            return label
-    return "other"
-
-
-class Gate:
-    """Pure ASGI middleware: the Bearer key (when set) on everything but the page and /health,
-    and the request counter by endpoint and status."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-        key = state.config.api_key
-        self.key = None if key is None else key.encode()
-
-    @staticmethod
-    def loopback_host(scope) -> bool:
-        """Without a key the server listens on loopback only; a Host header naming anything else
-        is a DNS-rebinding page (or a proxy, which should pass Host 127.0.0.1 or use --api-key)."""
-        host = ""
-        for name, value in scope.get("headers", ()):
-            if name == b"host":
-                host = value.decode("latin-1").strip().lower()
-                break
-        if host.startswith("["):
-            host = host[1:host.find("]")] if "]" in host else host
-        else:
-            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-
-    @staticmethod
-    def same_origin(scope) -> bool:
-        """A POST without an Origin header (curl, the clients) or from this server's own page. A
-        form on another site can send multipart/form-data without a CORS preflight; without a key
-        nothing else would stop it from spending this server's GPU."""
-        headers = dict(scope.get("headers", ()))
-        origin = headers.get(b"origin")
-        if origin is None:
-            return True
-        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
-        return origin.decode("latin-1").strip().lower() in (f"http://{host}", f"https://{host}")
-
-    def authorized(self, scope) -> bool:
-        got = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                got = value
-                break
-        scheme, _, token = got.partition(b" ")
-        # compare_digest on the token whatever the scheme, so the time taken says nothing of the key
-        return hmac.compare_digest(token.strip(), self.key) and scheme.lower() == b"bearer"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        status = [500]
-
-        async def counted(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if self.key is None and not self.loopback_host(scope):
-                err = APIError(400, "the Host header must name this machine's loopback address (127.0.0.1, "
-                                    "localhost or [::1]); behind a proxy, pass Host 127.0.0.1 or start with --api-key",
-                               code="invalid_host")
-                await JSONResponse(err.body(), 400)(scope, receive, counted)
-            elif self.key is None and scope.get("method") == "POST" and not self.same_origin(scope):
-                err = APIError(403, "a POST from another site's page (its Origin header is not this server's) is "
-                                    "refused on a server without --api-key", code="cross_origin")
-                await JSONResponse(err.body(), 403)(scope, receive, counted)
-            elif self.key is not None and path not in PUBLIC and not path.startswith("/static/") \
-                    and not self.authorized(scope):
-                err = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
-                                    "(the server's --api-key)", code="invalid_api_key")
-                await JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, counted)
-            else:
-                await self.app(scope, receive, counted)
-        finally:
-            self.state.metrics.requests.inc(endpoint_label(path), str(status[0]))
-
-
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), err.status, headers=err.headers)
 
 
 def create_app(state: ServerState) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and this server works offline.
     app = FastAPI(title="UniDiffuser", docs_url=None, redoc_url=None, openapi_url=None)
-    cfg = state.config
+    add_error_handlers(app)
+    add_status_routes(app, state)
+    add_model_routes(app, state)
+    add_task_routes(app, state)
+    add_page(app)
+    return Gate(app, state)
 
+
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return error_response(exc)
@@ -584,6 +90,11 @@ def create_app(state: ServerState) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
+
+def add_status_routes(app: FastAPI, state: ServerState) -> None:
+    """/health, /metrics and the progress of a request in flight."""
+    cfg = state.config
+
     @app.get("/health")
     async def health():
         if state.status != "ok":
@@ -596,6 +107,21 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/requests/{request_id}")
+    async def progress(request_id: str = PathParam(pattern=REQUEST_ID.pattern)):
+        job = state.jobs.get(request_id)
+        if job is None:
+            raise APIError(404, f"no request {request_id!r} in flight (finished, never sent, or not yet arrived)",
+                           "request_id", "not_found")
+        b = state.batcher
+        return {"id": job.id, "object": "request.progress", "status": job.state, "n": job.n,
+                "queue_position": b.position(job) if b else None,
+                "steps_done": job.steps_done, "steps_total": job.steps_total or job.key.steps * state.tasks[job.key.task].solver_runs}
+
+
+def add_model_routes(app: FastAPI, state: ServerState) -> None:
+    cfg = state.config
 
     def model_card() -> dict:
         return {"id": cfg.model_id, "object": "model", "created": state.created, "owned_by": "thu-ml",
@@ -612,65 +138,9 @@ def create_app(state: ServerState) -> FastAPI:
                            "model", "model_not_found")
         return model_card()
 
-    @app.get("/v1/requests/{request_id}")
-    async def progress(request_id: str = PathParam(pattern=REQUEST_ID.pattern)):
-        job = state.jobs.get(request_id)
-        if job is None:
-            raise APIError(404, f"no request {request_id!r} in flight (finished, never sent, or not yet arrived)",
-                           "request_id", "not_found")
-        b = state.batcher
-        return {"id": job.id, "object": "request.progress", "status": job.state, "n": job.n,
-                "queue_position": b.position(job) if b else None,
-                "steps_done": job.steps_done, "steps_total": job.steps_total or job.key.steps * state.tasks[job.key.task].solver_runs}
 
-    def take_request_id(request: Request) -> str:
-        rid = request.headers.get("x-request-id") or secrets.token_hex(12)
-        if not REQUEST_ID.fullmatch(rid):
-            raise bad("X-Request-Id must be 1-64 letters, digits, '.', '_' or '-'", "x-request-id")
-        return rid
-
-    async def run(request: Request, rid: str, key: tasks.BatchKey, inputs: list, seeds: list[int], t0: float,
-                  extra: dict | None = None, top: dict | None = None) -> Response:
-        """Queue one request's samples, wait for its batch, answer its own outputs."""
-        batcher = state.require_ready()
-        if rid in state.jobs:        # checked and taken with no await between: one job per id
-            raise bad(f"a request with X-Request-Id {rid!r} is already in flight", "x-request-id", "duplicate_request_id")
-        job = Job(rid, key, inputs, seeds, deadline=time.monotonic() + cfg.request_timeout_s)
-        state.jobs[rid] = job
-        try:
-            batcher.submit(job)
-        except QueueFull as e:
-            state.jobs.pop(rid, None)
-            raise APIError(429, f"the queue is full ({cfg.max_queue} requests waiting, --max-queue); retry after "
-                                f"{e.retry_after} s", code="queue_full", headers={"Retry-After": str(e.retry_after)})
-        except APIError:
-            state.jobs.pop(rid, None)
-            raise
-        try:
-            outcome = await wait(request, job, state)
-        finally:
-            state.jobs.pop(rid, None)
-        if outcome is None:          # the client went away
-            return Response(status_code=499)
-        if outcome.error is not None:
-            raise outcome.error
-        items = await asyncio.get_running_loop().run_in_executor(None, encode_samples, outcome.outputs, seeds)
-        task = state.tasks[key.task]
-        n_images = sum("b64_json" in d for d in items)
-        if n_images:
-            state.metrics.images.inc(key.task, by=n_images)
-        if "text" in task.outputs:
-            state.metrics.texts.inc(key.task, by=len(items))
-        state.metrics.latency.observe(time.monotonic() - t0, key.task)
-        body = {"created": int(time.time()), **(top or {}), "data": items, "model": cfg.model_id}
-        if "image" in task.outputs:
-            body.update({"output_format": "png", "size": f"{key.width}x{key.height}"})
-        body["settings"] = {
-            "task": key.task, "seeds": seeds, "num_inference_steps": key.steps,
-            "guidance_scale": key.scale if task.guided else None, "width": key.width, "height": key.height,
-            **(extra or {}), "batch_images": outcome.batch_images, "batch_requests": outcome.batch_requests,
-            "queue_s": round(outcome.queue_s, 4), "run_s": round(outcome.run_s, 4)}
-        return JSONResponse(body, headers={"X-Request-Id": rid})
+def add_task_routes(app: FastAPI, state: ServerState) -> None:
+    """One route per endpoint of the tasks; each checks its request, then `run` queues it."""
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
@@ -679,7 +149,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.require_ready()
         rid = take_request_id(request)
         key, prompts, seeds = parse_generation(await read_json(request), state)
-        return await run(request, rid, key, prompts, seeds, t0)
+        return await run(request, state, rid, key, prompts, seeds, t0)
 
     @app.post("/v1/generations")
     async def task_generations(request: Request):
@@ -688,7 +158,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.require_ready()
         rid = take_request_id(request)
         key, inputs, seeds = parse_task_request(await read_json(request), state)
-        return await run(request, rid, key, inputs, seeds, t0, top={"task": key.task})
+        return await run(request, state, rid, key, inputs, seeds, t0, top={"task": key.task})
 
     async def image_task(request: Request, name: str, allowed: tuple[str, ...]) -> Response:
         t0 = time.monotonic()
@@ -696,7 +166,7 @@ def create_app(state: ServerState) -> FastAPI:
         task = state.task(name)
         rid = take_request_id(request)
         key, inputs, seeds, record = await parse_upload(request, state, task, allowed)
-        return await run(request, rid, key, inputs, seeds, t0, extra={"image": record})
+        return await run(request, state, rid, key, inputs, seeds, t0, extra={"image": record})
 
     @app.post("/v1/images/variations")
     async def variations(request: Request):
@@ -708,6 +178,8 @@ def create_app(state: ServerState) -> FastAPI:
         """Captioning (i2t): multipart like variations; texts."""
         return await image_task(request, "i2t", CAPTION_FIELDS)
 
+
+def add_page(app: FastAPI) -> None:
     @app.get("/")
     async def index():
         return FileResponse(STATIC / "index.html", headers={
@@ -715,7 +187,51 @@ def create_app(state: ServerState) -> FastAPI:
             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return Gate(app, state)
+
+
+def take_request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id") or secrets.token_hex(12)
+    if not REQUEST_ID.fullmatch(rid):
+        raise bad("X-Request-Id must be 1-64 letters, digits, '.', '_' or '-'", "x-request-id")
+    return rid
+
+
+async def run(request: Request, state: ServerState, rid: str, key: tasks.BatchKey, inputs: list, seeds: list[int],
+              t0: float, extra: dict | None = None, top: dict | None = None) -> Response:
+    """Queue one request's samples, wait for its batch, answer its own outputs."""
+    cfg = state.config
+    batcher = state.require_ready()
+    if rid in state.jobs:        # checked and taken with no await between: one job per id
+        raise bad(f"a request with X-Request-Id {rid!r} is already in flight", "x-request-id", "duplicate_request_id")
+    job = Job(rid, key, inputs, seeds, deadline=time.monotonic() + cfg.request_timeout_s)
+    state.jobs[rid] = job
+    try:
+        batcher.submit(job)
+    except QueueFull as e:
+        state.jobs.pop(rid, None)
+        raise APIError(429, f"the queue is full ({cfg.max_queue} requests waiting, --max-queue); retry after "
+                            f"{e.retry_after} s", code="queue_full", headers={"Retry-After": str(e.retry_after)})
+    except APIError:
+        state.jobs.pop(rid, None)
+        raise
+    try:
+        outcome = await wait(request, job, state)
+    finally:
+        state.jobs.pop(rid, None)
+    if outcome is None:          # the client went away
+        return Response(status_code=499)
+    if outcome.error is not None:
+        raise outcome.error
+    items = await asyncio.get_running_loop().run_in_executor(None, encode_samples, outcome.outputs, seeds)
+    task = state.tasks[key.task]
+    n_images = sum("b64_json" in d for d in items)
+    if n_images:
+        state.metrics.images.inc(key.task, by=n_images)
+    if "text" in task.outputs:
+        state.metrics.texts.inc(key.task, by=len(items))
+    state.metrics.latency.observe(time.monotonic() - t0, key.task)
+    body = output_body(items, outcome, task, key, seeds, cfg.model_id, extra, top)
+    return JSONResponse(body, headers={"X-Request-Id": rid})
 
 
 async def wait(request: Request, job: Job, state: ServerState):

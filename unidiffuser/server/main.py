@@ -204,7 +204,8 @@ def main(argv=None) -> int:
         raise ValueError(f"the server needs fastapi and uvicorn ({e}): pip install -r requirements.txt") from None
     sock = bind(args.host, args.port)
 
-    from .app import ServerConfig, ServerState, create_app
+    from .app import create_app
+    from .state import ServerConfig, ServerState
 
     config = ServerConfig(api_key=args.api_key, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                           max_queue=args.max_queue, request_timeout_s=args.request_timeout_s, max_side=args.max_side,

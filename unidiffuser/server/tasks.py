@@ -4,7 +4,8 @@ A batch is keyed by (task, height, width, steps, scale): requests with the same 
 model call, each with its own inputs and seeds. The batcher knows nothing about any task; it
 looks the key's task up here and calls its `run` with the merged inputs (prompts, checked input
 images, or None per sample), and gets one Sample per input back. Which routes take which task's
-request is app.py's business; what a task reads and makes is the library's (unidiffuser.tasks).
+request is app.py's business (its checks: parsing.py, uploads.py); what a task reads and makes is
+the library's (unidiffuser.tasks).
 
 A task the model folder cannot run (a folder converted before the image and caption networks)
 is left out when the server starts (`available`); its endpoint then answers "task X is not
