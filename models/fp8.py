@@ -11,7 +11,7 @@ one Triton pass per activation reads the row, takes its amax and writes e4m3 + s
 MLP's GELU and the out-blocks' skip concatenation folded into that same pass.
 
 Only the transformer blocks' linears (qkv, proj, fc1, fc2, skip_linear: >99% of the FLOPs)
-become fp8. The embeddings (K = 64 / 512, a few tokens), the output heads (decoder_pred,
+become fp8, less those FP16_LAYERS names. The embeddings (K = 64 / 512, a few tokens), the output heads (decoder_pred,
 text_out, clip_img_out: their error lands directly in the prediction) and the patch conv stay
 in fp16; so do attention, the LayerNorms and the residual stream.
 """
@@ -136,17 +136,38 @@ class Fp8Mlp(nn.Module):
         return self.fc2(self.fc1(x))
 
 
-def convert_uvit(uvit: nn.Module) -> dict[str, dict]:
-    """Replace the transformer blocks' linears of a loaded UViT by fp8 ones, in place. Returns
-    per-layer weight-scale statistics {name: {min, median, max}}."""
-    from .uvit import Mlp
-    blocks = [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]
-    for blk in blocks:
-        blk.attn.qkv = Fp8Linear(blk.attn.qkv)
-        blk.attn.proj = Fp8Linear(blk.attn.proj)
+# Linears left in fp16 by default (names as in the UViT's state dict, or a prefix of them: a block).
+# docs/fp8_sensitivity.py quantises one block at a time: the error a block's fp8 rounding adds to
+# the final image falls steeply away from the ends of the U (the first in-blocks see the raw
+# embeddings, the last out-blocks write straight into the prediction), so the two blocks at each
+# end stay in fp16, at a small cost in speed (its run of record in docs/ has the figures).
+FP16_LAYERS: tuple[str, ...] = ("in_blocks.0", "in_blocks.1", "out_blocks.13", "out_blocks.14")
+
+
+def _kept(name: str, keep) -> bool:
+    return any(name == k or name.startswith(k + ".") for k in keep)
+
+
+def convert_uvit(uvit: nn.Module, keep=None) -> dict[str, dict]:
+    """Replace the transformer blocks' linears of a loaded UViT by fp8 ones, in place, except
+    those named (or under a name) in `keep` (default FP16_LAYERS). Returns per-layer
+    weight-scale statistics {name: {min, median, max}}."""
+    from .uvit import Block, Mlp
+    keep = FP16_LAYERS if keep is None else tuple(keep)
+    blocks = {n: m for n, m in uvit.named_modules() if isinstance(m, Block)}
+    for name, blk in blocks.items():
+        for attr in ("qkv", "proj"):
+            if not _kept(f"{name}.attn.{attr}", keep):
+                setattr(blk.attn, attr, Fp8Linear(getattr(blk.attn, attr)))
         if isinstance(blk.mlp, Mlp):
-            blk.mlp = Fp8Mlp(blk.mlp)
-        if blk.skip_linear is not None:
+            fc1, fc2 = (not _kept(f"{name}.mlp.{f}", keep) for f in ("fc1", "fc2"))
+            if fc1 and fc2:
+                blk.mlp = Fp8Mlp(blk.mlp)
+            elif fc1:      # Mlp then applies GELU on its own (its epilogue GELU needs an nn.Linear)
+                blk.mlp.fc1 = Fp8Linear(blk.mlp.fc1)
+            elif fc2:
+                blk.mlp.fc2 = Fp8Linear(blk.mlp.fc2)
+        if blk.skip_linear is not None and not _kept(f"{name}.skip_linear", keep):
             blk.skip_linear = Fp8Linear(blk.skip_linear)
     stats = {}
     for name, m in uvit.named_modules():

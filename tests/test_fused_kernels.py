@@ -137,7 +137,7 @@ def test_convert_uvit_to_fp8(fp8_layer_math):
             torch.randn(B, cfg.num_text_tokens, cfg.text_dim, generator=g), torch.tensor([10.0, 900.0]),
             torch.tensor([0.0, 1000.0]), torch.ones(B, dtype=torch.long))
     want = net(*args)
-    stats = fp8.convert_uvit(net)
+    stats = fp8.convert_uvit(net, keep=())
     n_blocks = cfg.depth + 1
     assert len(stats) == 4 * n_blocks + cfg.depth // 2      # qkv, proj, fc1, fc2 + out-blocks' skip_linear
     assert all(0 < s["w_scale_min"] <= s["w_scale_median"] <= s["w_scale_max"] for s in stats.values())
@@ -147,6 +147,32 @@ def test_convert_uvit_to_fp8(fp8_layer_math):
     got = net(*args)
     for a, b in zip(got, want):   # ~4% per GEMM (see above), through 5 blocks of random weights
         assert 1e-3 < rel_l2(a, b) < 0.1
+
+
+@torch.no_grad()
+def test_convert_uvit_keeps_the_named_linears_in_16_bit(fp8_layer_math):
+    """`keep` names linears (or whole blocks) that stay nn.Linear; an MLP split between fp8 and
+    fp16 still computes fc2(gelu(fc1(x))), with the fast path's GEMM-epilogue GELU switched on."""
+    from unidiffuser.backends.torch_backend import set_uvit_fusions
+    cfg = PRESETS["tiny"].uvit
+    net = random_weights.randomize_(UViT(cfg), torch.Generator().manual_seed(4)).eval()
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(2, cfg.in_chans, 8, 8, generator=g), torch.randn(2, 1, cfg.clip_img_dim, generator=g),
+            torch.randn(2, cfg.num_text_tokens, cfg.text_dim, generator=g), torch.tensor([10.0, 900.0]),
+            torch.tensor([0.0, 1000.0]), torch.ones(2, dtype=torch.long))
+    want = net(*args)
+    keep = ["in_blocks.0", "mid_block.mlp.fc1", "out_blocks.0.mlp.fc2", "out_blocks.1.skip_linear"]
+    stats = fp8.convert_uvit(net, keep=keep)
+    assert not any(n.startswith("in_blocks.0.") for n in stats)
+    assert "mid_block.mlp.fc2" in stats and "mid_block.mlp.fc1" not in stats
+    assert "out_blocks.0.mlp.fc1" in stats and "out_blocks.0.mlp.fc2" not in stats
+    assert "out_blocks.1.skip_linear" not in stats and "out_blocks.0.skip_linear" in stats
+    assert isinstance(net.in_blocks[0].attn.qkv, torch.nn.Linear)
+    assert isinstance(net.mid_block.mlp.fc1, torch.nn.Linear) and isinstance(net.mid_block.mlp.fc2, fp8.Fp8Linear)
+    set_uvit_fusions(net, on=True)    # the epilogue GELU is skipped where fc1 is fp8
+    got = net(*args)
+    for a, b in zip(got, want):
+        assert 1e-4 < rel_l2(a, b) < 0.1
 
 
 def test_fp8_needs_the_cuda_fast_path():
