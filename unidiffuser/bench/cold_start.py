@@ -15,7 +15,7 @@ from pathlib import Path
 from . import ROOT
 
 COLD_PROMPT = "an elephant under the sea"
-RUNS = 2
+RUNS = 3
 
 DIFFUSERS_COLD = """
 import sys, torch

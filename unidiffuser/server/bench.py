@@ -106,8 +106,12 @@ class ServerProcess:
             cmd += ["--dtype", args.dtype]
         self.log_path = log_path
         self.log = open(log_path, "w")
+        t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self.url = self._wait_ready(args.start_timeout_s)
+        # process start -> /health 200, with every batch size warmed (--warm-batches)
+        self.ready_s = round(time.perf_counter() - t0, 3)
+        self.ready_line = next((line for line in self.log_path.read_text().splitlines() if "ready: " in line), None)
 
     def _wait_ready(self, timeout: float) -> str:
         end, url = time.monotonic() + timeout, None
@@ -263,7 +267,8 @@ def main(argv=None) -> int:
         "settings": {"size": size, "steps": args.steps, "scale": args.scale, "requests": args.requests,
                      "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "seed": args.seed,
                      "warmup_rounds": args.warmup_rounds},
-        "model": card, "api_serial": api, "server": rows, "server_exit": rc, "note": metrics_note,
+        "model": card, "api_serial": api, "server_ready_s": server.ready_s, "server_ready_line": server.ready_line,
+        "server": rows, "server_exit": rc, "note": metrics_note,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if args.json:
