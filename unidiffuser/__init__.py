@@ -1,4 +1,5 @@
-"""UniDiffuser text-to-image: tokenizer, sampler, checkpoint conversion and the pipeline.
+"""UniDiffuser inference, every task (text to image, image to text, joint, unconditional, the two
+variations): the pipeline, its backends, the model folder, the commands' code, the server.
 
 `from unidiffuser import UniDiffuser` is the Python API (unidiffuser/api.py); it is imported on
 first use, so that importing a submodule (or a command's --help) does not load torch.
