@@ -17,6 +17,7 @@ from unidiffuser.backends.torch_backend import TorchBackend, make_fast, set_deco
 from unidiffuser.bench import accuracy, components, fusions, nets, peers, task_runs, timing
 from unidiffuser.bench.args import parse_args
 from unidiffuser.bench.child import run_child
+from unidiffuser.bench.cold_start import RUNS
 from unidiffuser.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_bench_reprints_the_run_of_record_identically(tmp_path):
 
 def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
     """bench.py --cold-start-only: process start -> first PNG, ours (run.py) and diffusers
-    (from_pretrained of a saved folder), each twice, with our split; its folder is reused."""
+    (from_pretrained of a saved folder), each RUNS times, with our split; its folder is reused."""
     pytest.importorskip("diffusers", reason="diffusers (the benchmark peer) is not installed")
     out = tmp_path / "cold.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "tiny", "--device", "cpu", "--steps", "2",
@@ -110,7 +111,7 @@ def test_bench_cold_start_times_both_commands_on_cpu(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cold = json.loads(out.read_text())["cold_start"]
-    assert len(cold["ours"]) == 2 and len(cold["diffusers"]) == 2
+    assert len(cold["ours"]) == RUNS and len(cold["diffusers"]) == RUNS
     for run in cold["ours"]:
         assert 0 < run["imports_s"] < run["to_png_s"] <= run["to_exit_s"] and run["load_s"] > 0
     assert all(run["to_png_s"] > 0 for run in cold["diffusers"])
