@@ -173,6 +173,7 @@ def parse_task_request(body: dict, state: ServerState) -> tuple[tasks.BatchKey, 
     key, seeds = parse_settings(get, state, task)
     return key, [prompt if task.input == "prompt" else None] * len(seeds), seeds
 
+
 async def read_json(request: Request, limit: int = MAX_BODY) -> dict:
     # application/json only: a web page elsewhere cannot then send a request here from a visitor's
     # browser without the CORS preflight this server never grants (a form's text/plain could).
