@@ -174,17 +174,22 @@ def parse_task_request(body: dict, state: ServerState) -> tuple[tasks.BatchKey, 
     return key, [prompt if task.input == "prompt" else None] * len(seeds), seeds
 
 
+def check_body(request: Request, ctype_wanted: str, hint: str, limit: int, limit_hint: str = "") -> None:
+    """The body's declared type and length, before any of it is read (415, 413)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != ctype_wanted:
+        raise APIError(415, f"Content-Type must be {ctype_wanted}, got {ctype or 'none'!r} ({hint})",
+                       code="unsupported_media_type")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is {length} bytes; this server accepts at most {limit}{limit_hint}",
+                       code="body_too_large")
+
+
 async def read_json(request: Request, limit: int = MAX_BODY) -> dict:
     # application/json only: a web page elsewhere cannot then send a request here from a visitor's
     # browser without the CORS preflight this server never grants (a form's text/plain could).
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r} "
-                            "(curl: -H 'Content-Type: application/json')", code="unsupported_media_type")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body is {length} bytes; this server accepts at most {limit}",
-                       code="body_too_large")
+    check_body(request, "application/json", "curl: -H 'Content-Type: application/json'", limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

@@ -16,7 +16,7 @@ from .. import limits
 from ..images import InputImage, read_image_bytes
 from . import tasks
 from .errors import APIError, bad
-from .parsing import check_fields, check_formats, check_model, parse_settings
+from .parsing import check_body, check_fields, check_formats, check_model, parse_settings
 from .state import ServerState
 
 MAX_FORM_FIELD = 64 * 1024        # bytes of one non-file field of a multipart body
@@ -46,14 +46,8 @@ def typed_form(fields: dict[str, str]) -> dict:
 async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
     """A multipart/form-data body, at most `limit` bytes: its text fields and its files
     ({field: (filename, bytes)}), each field given once."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
-        raise APIError(415, f"Content-Type must be multipart/form-data with the image file, got {ctype or 'none'!r} "
-                            "(curl: -F image=@photo.png)", code="unsupported_media_type")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body is {length} bytes; this server accepts at most {limit} "
-                            "(--max-upload-mib)", code="body_too_large")
+    check_body(request, "multipart/form-data", "with the image file; curl: -F image=@photo.png", limit,
+               " (--max-upload-mib)")
 
     async def bounded():
         size = 0
