@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import limits, options
+from . import limits, options, png
 from .files import output_stem, write_outputs
 from .images import as_input, center_crop
 from .pipeline import Pipeline, Request
@@ -62,7 +62,7 @@ class Generation:
             stem = folder / output_stem(self.task, inp, seed)
             files = []
             if self.images:
-                files.append((stem.with_suffix(".png"), lambda p, img=self.images[i]: img.save(p, format="PNG")))
+                files.append((stem.with_suffix(".png"), lambda p, img=self.images[i]: png.save(img, p)))
             if self.texts:
                 text = self.texts[i] + "\n"
                 files.append((stem.with_suffix(".txt"), lambda p, text=text: Path(p).write_text(text, encoding="utf-8")))

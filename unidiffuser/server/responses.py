@@ -3,23 +3,18 @@ text, each with its seed), the body around them, and an APIError as OpenAI's err
 from __future__ import annotations
 
 import base64
-import io
 import time
 
 from fastapi.responses import JSONResponse
 
+from .. import png
 from . import tasks
 from .batcher import Outcome
 from .errors import APIError
 
 
 def png_b64(images) -> list[str]:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
+    return [base64.b64encode(png.encode(img)).decode("ascii") for img in images]
 
 
 def encode_samples(samples: list[tasks.Sample], seeds: list[int]) -> list[dict]:
