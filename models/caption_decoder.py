@@ -16,7 +16,10 @@ softmax().log(), finished beams frozen, beams ranked by score / length), batched
 searches is independent but all B*5 beams run as one batch. It runs as a fixed sequence of
 device operations (no host sync except an optional "all finished?" check every few tokens, and
 optionally as one replayed CUDA graph per token); a search whose beams have all finished is
-frozen in place, which is exactly the original's early `break`.
+frozen in place, which is exactly the original's early `break`. Beams that move between rows
+keep their history by reference (models/decode_attention.py), so the cache itself never moves;
+on the fast path (`fused`) each layer's attention and each residual add + LayerNorm are one
+Triton kernel.
 tests/test_caption_decoder.py pins it to transformers' GPT2LMHeadModel, to the original algorithm
 written out literally, and to diffusers' UniDiffuserTextDecoder.generate_beam.
 """
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_attention, fused_norm
 from .config import CaptionDecoderConfig
 from .random_weights import randomize_
 
@@ -64,14 +68,13 @@ class GPT2Attention(nn.Module):
         q, k, v = self._qkv(x)
         return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True)), k, v
 
-    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One new token per row at position `pos` ([1] long, on the device): its key and value
-        go into the caches [N, H, T, hd]; it attends to the cache slots that `mask` lets through."""
-        q, k, v = self._qkv(x)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
-        return self._out(F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask))
+    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ptr: torch.Tensor,
+             pos: torch.Tensor, prefix: int, fused: bool) -> torch.Tensor:
+        """One new token per row [N, D] at position `pos` ([1] long, on the device): its key and
+        value go into the caches [N, H, T, hd], and it attends to its history through `ptr`
+        (decode_attention.attend)."""
+        return self.c_proj(decode_attention.attend(self.c_attn(x), k_cache, v_cache, ptr, pos, prefix,
+                                                   self.n_head, fused))
 
 
 class GPT2MLP(nn.Module):
@@ -97,10 +100,6 @@ class GPT2Block(nn.Module):
         x = x + h
         return x + self.mlp(self.ln_2(x)), k, v
 
-    def step(self, x, k_cache, v_cache, pos, mask) -> torch.Tensor:
-        x = x + self.attn.step(self.ln_1(x), k_cache, v_cache, pos, mask)
-        return x + self.mlp(self.ln_2(x))
-
 
 class GPT2Model(nn.Module):
     def __init__(self, cfg: CaptionDecoderConfig):
@@ -121,12 +120,25 @@ class GPT2Model(nn.Module):
         return self.ln_f(x), kvs
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-        """tokens [N] at position pos -> final hidden state [N, D]; caches [n_layer, N, H, T, hd]."""
-        x = (self.wte(tokens) + self.wpe(pos))[:, None]
+             ptr: torch.Tensor, prefix: int, fused: bool = False) -> torch.Tensor:
+        """tokens [N] at position pos -> final hidden state [N, D]; caches [n_layer, N, H, T, hd]
+        and ptr as decode_attention.attend takes them. Each residual add is carried into the
+        LayerNorm that follows it (one kernel for both where `fused`)."""
+        x, r = self.wte(tokens), self.wpe(pos).expand(len(tokens), -1)
         for i, block in enumerate(self.h):
-            x = block.step(x, k_cache[i], v_cache[i], pos, mask)
-        return self.ln_f(x[:, 0])
+            x, y = _add_norm(block.ln_1, x, r, fused)
+            r = block.attn.step(y, k_cache[i], v_cache[i], ptr, pos, prefix, fused)
+            x, y = _add_norm(block.ln_2, x, r, fused)
+            r = block.mlp(y)
+        return _add_norm(self.ln_f, x, r, fused)[1]
+
+
+def _add_norm(norm: nn.LayerNorm, x: torch.Tensor, r: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, norm(x + r)): a pre-LN residual stream and what the next layer reads."""
+    if fused and fused_norm.available(x.device):
+        return fused_norm.add_layer_norm(x, r, norm.weight, norm.bias, norm.eps, return_sum=True)
+    s = x + r
+    return s, norm(s)
 
 
 class GPT2LMHead(nn.Module):
@@ -167,8 +179,10 @@ class _Beams:
         self.stopped = torch.zeros(B, K, device=device, dtype=torch.bool)
         self.done = torch.zeros(B, device=device, dtype=torch.bool)   # every beam of the item stopped
         self.pos = torch.zeros(1, **i64)                    # position of the token fed next
+        self.gen = torch.zeros(1, **i64)                    # its generated slot: pos - P
+        self.ptr = torch.zeros(B * K, S, **i64)             # row holding each generated slot (decode_attention)
+        self.own = torch.arange(B * K, **i64)[:, None]
         self.col = torch.zeros(1, **i64)                    # column of `tokens` written next
-        self.slots = torch.arange(T, **i64)
         self.row0 = torch.arange(B, **i64)[:, None] * K
         self.same = torch.arange(K, **i64).expand(B, K)
         # A finished beam's only continuation: token 0 at log-probability 0 (its score kept).
@@ -177,6 +191,8 @@ class _Beams:
 
 
 class CaptionDecoder(nn.Module):
+    fused = False   # set on the fast path: decode attention and add + LayerNorm as Triton kernels
+
     def __init__(self, cfg: CaptionDecoderConfig):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
@@ -203,6 +219,9 @@ class CaptionDecoder(nn.Module):
 
     forward = logits
 
+    def _fused(self, device: torch.device) -> bool:
+        return self.fused and fused_norm.available(device)
+
     @torch.no_grad()
     def generate(self, text: torch.Tensor, check_every: int | None = None,
                  cuda_graph: bool = False) -> list[list[int]]:
@@ -224,7 +243,8 @@ class CaptionDecoder(nn.Module):
         if check_every is None:
             check_every = 8 if device.type == "cuda" else 1
 
-        st, graph = self._graphs.get((B, dtype, device), (None, None)) if graphed else (None, None)
+        key = (B, dtype, device, self._fused(device))
+        st, graph = self._graphs.get(key, (None, None)) if graphed else (None, None)
         if st is None:
             st = _Beams(cfg, B, device, dtype)
         self._start(st, text.to(device=device, dtype=dtype))
@@ -243,7 +263,7 @@ class CaptionDecoder(nn.Module):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self._step(st)
-                self._graphs[(B, dtype, device)] = (st, graph)
+                self._graphs[key] = (st, graph)
         for i in range(eager, steps):
             if check_every and i % check_every == 0 and bool(st.done.all()):
                 break
@@ -271,14 +291,15 @@ class CaptionDecoder(nn.Module):
         st.stopped.copy_(tok == self.cfg.eos_token_id)
         st.done.copy_(st.stopped.all(-1))
         st.pos.fill_(P)
+        st.gen.zero_()
         st.col.fill_(1)
 
     def _step(self, st: _Beams) -> None:
         """One token of every search, as the original's loop body (same operations in the same
         order, batched over items); items already `done` keep their state unchanged."""
         B, K, V = st.B, st.K, self.cfg.vocab_size
-        mask = (st.slots <= st.pos).view(1, 1, 1, -1)
-        h = self.gpt.transformer.step(st.last, st.pos, st.k, st.v, mask)
+        st.ptr.index_copy_(1, st.gen, st.own)              # the token fed now: each row's own slot
+        h = self.gpt.transformer.step(st.last, st.pos, st.k, st.v, st.ptr, st.P, self._fused(st.k.device))
         logp = self.gpt.lm_head(h).float().view(B, K, V).softmax(-1).log()
         logp = torch.where(st.stopped[..., None], st.frozen, logp)
         total = st.scores[..., None] + logp
@@ -295,14 +316,12 @@ class CaptionDecoder(nn.Module):
         tokens.scatter_(2, st.col.view(1, 1, 1).expand(B, K, 1), tok[..., None])
         st.tokens.copy_(torch.where(done[..., None], st.tokens, tokens))
         st.last.copy_(torch.where(done, st.last.view(B, K), tok).view(-1))
-        # Beams moved to new rows take their history along; the prefix part is the same for all
-        # K rows of an item, so only the generated slots move.
-        rows = (st.row0 + src).view(-1)
-        for cache in (st.k, st.v):
-            gen = cache[:, :, :, st.P:]
-            gen.copy_(gen.index_select(1, rows))
+        # Beams moved to new rows take their history along: its pointers, not the cache. The
+        # prefix part is the same for all K rows of an item.
+        st.ptr.copy_(st.ptr.index_select(0, (st.row0 + src).view(-1)))
         st.done.copy_(st.stopped.all(-1))
         st.pos.add_(1)
+        st.gen.add_(1)
         st.col.add_(1)
 
     @staticmethod

@@ -28,14 +28,16 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _add_layer_norm_kernel(X, R, W, B, Y, stride_x, stride_r, stride_y, n_cols, eps,
-                               HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_layer_norm_kernel(X, R, W, B, Y, S, stride_x, stride_r, stride_y, stride_s, n_cols, eps,
+                               HAS_R: tl.constexpr, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_R:
             x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_S:   # a pre-LN network carries the sum on as its residual stream
+            tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)
         mean = tl.sum(x, axis=0) / n_cols
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n_cols + eps)
@@ -53,23 +55,26 @@ def available(device: torch.device | str = "cuda") -> bool:
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5) -> torch.Tensor:
+                   eps: float = 1e-5, return_sum: bool = False):
     """layer_norm(x + residual) over the last dim, the sum and statistics in fp32, the result
-    in x's dtype. residual may be None (a plain LayerNorm)."""
+    in x's dtype. residual may be None (a plain LayerNorm). return_sum: also the sum x + residual
+    (in x's dtype), as (sum, normed)."""
     n = x.shape[-1]
     if not available(x.device):
         s = x.float() if residual is None else x.float() + residual.float()
-        return F.layer_norm(s, (n,), weight.float(), bias.float(), eps).to(x.dtype)
+        y = F.layer_norm(s, (n,), weight.float(), bias.float(), eps).to(x.dtype)
+        return (s.to(x.dtype), y) if return_sum else y
     x2 = x.reshape(-1, n)
     r2 = x2 if residual is None else residual.reshape(-1, n)
     if x2.stride(-1) != 1 or r2.stride(-1) != 1:
         x2, r2 = x2.contiguous(), r2.contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y) if return_sum else y
     block = triton.next_power_of_2(n)
     _add_layer_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, bias, y, x2.stride(0), r2.stride(0), y.stride(0), n, eps,
-        HAS_R=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
-    return y.view(x.shape)
+        x2, r2, weight, bias, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), n, eps,
+        HAS_R=residual is not None, HAS_S=return_sum, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return (s.view(x.shape), y.view(x.shape)) if return_sum else y.view(x.shape)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -33,6 +33,7 @@ import torch
 
 from models.caption_decoder import (CaptionDecoder, clean_up_tokenization, decode_captions, original_state_dict,
                                     random_original)
+from models import fused_norm
 from models.config import PRESETS, CaptionDecoderConfig
 
 TINY = PRESETS["tiny"].caption_decoder
@@ -135,7 +136,8 @@ def test_kv_cache_steps_match_transformers_gpt2():
     got = [ours.gpt.lm_head(h[:, -1])]
     for j in range(m):
         pos = torch.tensor([P + j])
-        got.append(ours.gpt.lm_head(gpt.step(toks[:, j], pos, k, v, (torch.arange(T) <= pos).view(1, 1, 1, T))))
+        own = torch.arange(B)[:, None].expand(B, m).contiguous()   # no beams: every slot is the row's own
+        got.append(ours.gpt.lm_head(gpt.step(toks[:, j], pos, k, v, own, P)))
     got = torch.stack(got, dim=1)
     ref = want[:, P - 1:]
     err = rel_err(got, ref)
@@ -354,6 +356,21 @@ def test_batching_and_early_exit_do_not_change_results(searches):
     assert_same_or_tie("one item at a time vs literal", alone, refs)
 
 
+@pytest.mark.kernel
+@pytest.mark.skipif(not fused_norm.available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="needs triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
+def test_fused_kernels_give_the_same_search(searches):
+    """The fast path's Triton kernels (decode attention through beam pointers, add + LayerNorm)
+    in fp32: the same tokens as the torch operations, eagerly and replayed as a graph."""
+    ours, text, refs = searches
+    model = make_decoder(SEARCH).to("cuda" if torch.cuda.is_available() else "cpu")
+    want = model.generate(text.to(model.decode_prefix.weight.device))
+    model.fused = True
+    assert model.generate(text.to(model.decode_prefix.weight.device)) == want
+    assert model.generate(text.to(model.decode_prefix.weight.device), cuda_graph=True) == want
+    assert_same_or_tie("fused kernels vs literal", want, refs)
+
+
 def test_output_ends_at_eos_or_runs_full_length(searches):
     ours, text, _ = searches
     for seq in ours.generate(text):
@@ -480,14 +497,16 @@ def test_fp16_logits_cuda(real_fp32):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 @torch.no_grad()
-def test_fp16_beam_search_cuda_matches_fp32(real_fp32):
-    """Tokens of the fp16 search against the literal fp32 reference on CUDA; differences must be
-    ties at fp16's resolution: the tolerance is 4x the largest fp16-vs-fp32 difference of the
-    log-probabilities that make up the scores (each next token of the fp32 reference's own
-    sequences, teacher-forced)."""
+def test_fp16_beam_search_cuda_matches_fp32(real_fp32, fused):
+    """Tokens of the fp16 search (torch ops, or the fast path's Triton kernels) against the
+    literal fp32 reference on CUDA; differences must be ties at fp16's resolution: the tolerance
+    is 4x the largest fp16-vs-fp32 difference of the log-probabilities that make up the scores
+    (each next token of the fp32 reference's own sequences, teacher-forced)."""
     ref_model = _cuda_decoder(SEARCH, torch.float32)
     half = _cuda_decoder(SEARCH, torch.float16)
+    half.fused = fused
     gpt = hf_gpt2(make_decoder(SEARCH)).cuda()
     text = text_latents(8).cuda()
     refs = [reference_generate_beam(gpt, ref_model.decode_prefix(text[b: b + 1]), SEARCH.eos_token_id)
@@ -503,7 +522,7 @@ def test_fp16_beam_search_cuda_matches_fp32(real_fp32):
             lp.append(logp[0, SEARCH.prefix_length - 1: -1].gather(1, ids[0, :, None]))
         dlogp = max(dlogp, (lp[0] - lp[1]).abs().max().item())
     tol = 4 * dlogp
-    got16 = half.generate(text)
+    got16 = half.generate(text, cuda_graph=fused)
     assert_same_or_tie("fp32 cached", ref_model.generate(text), refs)
     ties = 0
     for b, (seq, r) in enumerate(zip(got16, refs)):
@@ -511,7 +530,8 @@ def test_fp16_beam_search_cuda_matches_fp32(real_fp32):
             where, gap, _ = explain_difference(seq, r)
             assert gap <= tol, f"item {b}: fp16 leaves the fp32 search at {where}, gap {gap:.3e} > {tol:.3e}"
             ties += 1
-    print(f"fp16 beam search: {len(refs) - ties}/{len(refs)} identical to fp32, {ties} ties (tol {tol:.2e})")
+    print(f"fp16 beam search ({'fused' if fused else 'torch'}): {len(refs) - ties}/{len(refs)} identical to fp32, "
+          f"{ties} ties (tol {tol:.2e})")
 
 
 @pytest.mark.gpu
@@ -519,11 +539,12 @@ def test_fp16_beam_search_cuda_matches_fp32(real_fp32):
 def test_cuda_graph_replay_equals_eager(real_fp32):
     """The captured-graph loop runs the same kernels: identical tokens to the eager loop, for a
     fresh capture, a reused one (second call, new inputs) and another batch size."""
-    for dtype in (torch.float16, torch.float32):
+    for dtype, fused in ((torch.float16, False), (torch.float16, True), (torch.float32, False), (torch.float32, True)):
         model = _cuda_decoder(SEARCH, dtype)
+        model.fused = fused
         for B, seed in ((4, 1), (4, 2), (1, 3)):
             text = text_latents(B, seed).cuda()
-            assert model.generate(text, cuda_graph=True) == model.generate(text), (dtype, B, seed)
+            assert model.generate(text, cuda_graph=True) == model.generate(text), (dtype, fused, B, seed)
         assert len(model._graphs) == 2
         model.float()
         assert not model._graphs
@@ -534,6 +555,7 @@ def test_cuda_graph_replay_equals_eager(real_fp32):
 def test_v1_speed_report(real_fp32):
     """Not a check: time of one v1-size batch of 8 (67 tokens, fp16), eager and graphed."""
     model = make_decoder(V1).cuda().half()
+    model.fused = True
     text = text_latents(8, cfg=V1).cuda()
     for graph in (False, True, True):
         torch.cuda.synchronize()

@@ -14,8 +14,9 @@ from unidiffuser import networks
 from unidiffuser.weights import random_weights
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(not fused_norm.available(DEVICE),
-                                  reason="needs triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
+KERNEL_REASON = "needs triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU"
+needs_kernel = pytest.mark.skipif(not fused_norm.available(DEVICE), reason=KERNEL_REASON)
+pytestmark = pytest.mark.kernel     # on a GPU machine: pytest -m "gpu or kernel"
 
 
 def rel_l2(a, b):
@@ -71,6 +72,28 @@ def test_add_layer_norm_kernel(n, with_residual):
     # fp32 statistics: at least as close to the float64 reference as the unfused op
     assert rel_l2(got, want) <= max(1.1 * rel_l2(unfused, want), 1e-6)
     assert rel_l2(got, want) < (2e-3 if dt == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_add_layer_norm_returns_the_sum(fused, monkeypatch):
+    """The pre-LN form (caption decoder): (x + r, norm(x + r)), the sum in x's dtype."""
+    if fused and not fused_norm.available(DEVICE):
+        pytest.skip(KERNEL_REASON)
+    device = DEVICE if fused else "cpu"
+    dt = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(7)
+    x, r = (torch.randn(5, 768, generator=g).to(device, dt) for _ in range(2))
+    r = r[:1].expand(5, -1)                    # a broadcast residual (the position embedding)
+    w, b = (1 + 0.1 * torch.randn(768, generator=g)).to(device, dt), (0.1 * torch.randn(768, generator=g)).to(device, dt)
+    poisoned_empty_cache(2 * x.numel())
+    if not fused:
+        monkeypatch.setattr(fused_norm, "available", lambda device: False)
+    s, y = fused_norm.add_layer_norm(x, r, w, b, return_sum=True)
+    want_s = x.double() + r.double()
+    want_y = F.layer_norm(want_s, (768,), w.double(), b.double())
+    assert s.dtype == y.dtype == dt and s.shape == y.shape == x.shape
+    assert rel_l2(s, want_s) < (1e-3 if dt == torch.float16 else 1e-7)
+    assert rel_l2(y, want_y) < (2e-3 if dt == torch.float16 else 1e-6)
 
 
 @pytest.mark.parametrize("gelu", [False, True])

@@ -27,7 +27,8 @@ class TorchBackend:
     the fast path: fused attention kernels at half precision, bias + GELU in the MLP's GEMM
     epilogue, the VAE decoder in channels-last (cuDNN's fastest conv layout) with the fused
     GroupNorm+SiLU kernel when `plugin/` is built, the text encoder and decoder replayed as CUDA
-    graphs, the residual adds fused into the LayerNorms (Triton), optionally `torch.compile`,
+    graphs, the residual adds fused into the LayerNorms (Triton), the caption decoder's beam
+    search graphed with its Triton kernels (models/decode_attention.py), optionally `torch.compile`,
     and `graph_safe` so the pipeline replays each model evaluation from a CUDA graph.
     quant="fp8" (fast path only) also runs the UViT blocks' linears in e4m3 (models/fp8.py)."""
 
@@ -82,6 +83,8 @@ class TorchBackend:
             self.nets[name] = net.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
             if self.fast and name == "vae_encoder":
                 set_decoder_fusions(self.nets[name])
+            elif self.fast and name == "caption_decoder":
+                self.nets[name].fused = True     # its Triton decode attention and add + LayerNorm
         return self.nets[name]
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
