@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .fused_norm import available, triton
 
+BLOCK_T, NUM_WARPS = 256, 4     # cache slots per loop iteration, warps per (row, head) program
+
 if triton is not None:
     import triton.language as tl
 
@@ -76,8 +78,8 @@ def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ptr:
         out = torch.empty(N, D, dtype=qkv.dtype, device=qkv.device)
         _decode_attention_kernel[(N, n_head)](
             qkv, k_cache, v_cache, ptr, pos, out, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), ptr.stride(0), out.stride(0), prefix, D, hd ** -0.5, T=k_cache.shape[2], HD=hd, BLOCK_T=64,
-            num_warps=2)
+            k_cache.stride(2), ptr.stride(0), out.stride(0), prefix, D, hd ** -0.5, T=k_cache.shape[2], HD=hd,
+            BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
         return out
     q, k, v = qkv.view(N, 3, n_head, 1, hd).unbind(1)
     k_cache.index_copy_(2, pos, k)

@@ -39,13 +39,9 @@ class TorchBackend:
         # The options were checked by the front door (options.py): quant and compile only on the fast path.
         self.device, self.dtype = device, dtype
         self.graph_safe = self.fast = self.is_fast(device, dtype)
-        self.nets = {k: v.to(device=device, dtype=dtype).eval().requires_grad_(False) for k, v in nets.items()}
+        self.nets = {k: self._prepare(k, v) for k, v in nets.items()}
         self.text_encoder, self.uvit_net, self.vae_decoder = (self.nets.get(k) for k in ("text_encoder", "uvit",
                                                                                         "vae_decoder"))
-        if self.fast:
-            make_fast(self.uvit_net, self.vae_decoder)
-            if "vae_encoder" in self.nets:
-                set_decoder_fusions(self.nets["vae_encoder"])   # the same convs and GroupNorms as the decoder
         self.folder = None    # (model_dir, cfg, manifest) where the other tasks' networks load from
         self.quant, self.fp8_weight_stats = quant, None
         if quant == "fp8":
@@ -80,12 +76,20 @@ class TorchBackend:
             model_dir, cfg, manifest = self.folder
             require_network(model_dir, manifest, name)
             net = load_networks(model_dir, cfg, manifest, self.device, self.dtype, names=(name,))[name]
-            self.nets[name] = net.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-            if self.fast and name == "vae_encoder":
-                set_decoder_fusions(self.nets[name])
-            elif self.fast and name == "caption_decoder":
-                self.nets[name].fused = True     # its Triton decode attention and add + LayerNorm
+            self.nets[name] = self._prepare(name, net)
         return self.nets[name]
+
+    def _prepare(self, name: str, net: torch.nn.Module) -> torch.nn.Module:
+        """A loaded network on this device and dtype, in inference mode, with the fast path's fusions."""
+        net = net.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if self.fast:
+            if name == "uvit":
+                set_uvit_fusions(net)
+            elif name in ("vae_decoder", "vae_encoder"):   # the same convs and GroupNorms
+                set_decoder_fusions(net)
+            elif name == "caption_decoder":
+                net.fused = True     # its Triton decode attention and add + LayerNorm
+        return net
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fast:   # ~200 small kernels: launch-bound unless replayed as a graph
