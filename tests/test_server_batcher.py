@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (requirements.txt)")
 
+from unidiffuser.server import batcher   # noqa: E402
 from unidiffuser.server.batcher import Batcher, Job, QueueFull   # noqa: E402
 from unidiffuser.server.errors import APIError                   # noqa: E402
 from unidiffuser.server.tasks import TASKS, BatchKey, Task, require   # noqa: E402
@@ -98,6 +99,34 @@ def test_window_waits_for_company():
     second = job("two")
     b.submit(second)
     assert result(first).batch_requests == 2 and result(second).outputs == ["two/0"]
+    b.stop()
+
+
+def test_window_stays_open_while_requests_keep_arriving():
+    """Arrivals closer together than wait_s keep the window open (a burst spread over more than
+    wait_s shares one batch), but never beyond WINDOW_CAP * wait_s after the oldest."""
+    gate = Gate()
+    gate.release.set()
+    b = make(gate, wait_s=0.6)
+    burst = []
+    for i in range(3):                    # 0.8 s in all (more than wait_s), each within 0.6 s of the one before
+        burst.append(job(f"b{i}"))
+        b.submit(burst[-1])
+        time.sleep(0.4 if i < 2 else 0)
+    assert [result(j).batch_requests for j in burst] == [3, 3, 3]
+    assert len(gate.calls) == 1
+    b.stop()
+    b = make(gate, wait_s=0.6, max_batch=16, max_queue=16)
+    trickle = []
+    t0 = time.monotonic()
+    for i in range(14):                   # one every 0.3 s, for longer than the cap
+        trickle.append(job(f"t{i}"))
+        b.submit(trickle[-1])
+        time.sleep(0.3)
+    first_call = result(trickle[0])
+    assert first_call.batch_requests < len(trickle)
+    assert first_call.queue_s <= batcher.WINDOW_CAP * 0.6 + 0.5, first_call.queue_s
+    assert time.monotonic() - t0 < 15
     b.stop()
 
 

@@ -1,9 +1,12 @@
 """Dynamic batching: one model call at a time, in a worker thread, over merged requests.
 
-A request (a Job) waits in a bounded FIFO queue. The worker takes the oldest job and, once it has
-waited `wait_s` (or enough images of its key are waiting to fill `max_batch`), runs it together
-with every other waiting job of the same key (task, height, width, steps, scale), oldest first,
-up to `max_batch` images. Each job keeps its own inputs and seeds and gets exactly its own
+A request (a Job) waits in a bounded FIFO queue. The worker takes the oldest job and, once no job
+of its key has arrived for `wait_s` (each arrival restarts the wait, up to WINDOW_CAP times
+`wait_s` after the oldest arrived) or enough images of its key are waiting to fill `max_batch`,
+runs it together with every other waiting job of the same key (task, height, width, steps,
+scale), oldest first, up to `max_batch` images. A lone request so waits `wait_s`; clients that
+come back together after a batch (each parsing its answer first, so spread over more than
+`wait_s`) still share the next one. Each job keeps its own inputs and seeds and gets exactly its own
 outputs back: the merged call is `task.run(pipe, inputs, seeds, key, batch, progress)` over the
 concatenation, cut back into the jobs' slices. A job larger than `max_batch` runs alone, in
 several batches of `max_batch` inside one call.
@@ -29,6 +32,7 @@ from .errors import APIError
 from .tasks import TASKS, BatchKey, Task
 
 log = logging.getLogger("unidiffuser.server")
+WINDOW_CAP = 5      # the longest a batch's window stays open, in units of wait_s after its oldest job
 
 
 @dataclass
@@ -198,7 +202,7 @@ class Batcher:
                         continue
                     first = self._pending[0]
                     same = [j for j in self._pending if j.key == first.key]
-                    due = first.submitted + self.wait_s
+                    due = min(first.submitted + WINDOW_CAP * self.wait_s, same[-1].submitted + self.wait_s)
                     if now < due and sum(j.n for j in same) < self.max_batch and not self._draining:
                         self._cond.wait(min(due - now, max(0.0, min(j.deadline for j in self._pending) - now)))
                         continue

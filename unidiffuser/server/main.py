@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=options.PRECISIONS, help="network precision (default fp16 on CUDA, fp32 on CPU; "
                    "fp8: Hopper or newer)")
     p.add_argument("--max-batch", type=int, default=8, help="most images in one model call (default 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the oldest waiting request waits "
-                   "for others to share its batch (default 10)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for the next request "
+                   "to join it, restarted by each arrival, at most 5x in all (default 10)")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 (default 64)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="a request still waiting for its batch "
