@@ -19,7 +19,8 @@ optionally as one replayed CUDA graph per token); a search whose beams have all 
 frozen in place, which is exactly the original's early `break`. Beams that move between rows
 keep their history by reference (models/decode_attention.py), so the cache itself never moves;
 on the fast path (`fused`) each layer's attention and each residual add + LayerNorm are one
-Triton kernel.
+Triton kernel, and the choice of the next beams reads the logits without writing every score
+(models/beam_topk.py).
 tests/test_caption_decoder.py pins it to transformers' GPT2LMHeadModel, to the original algorithm
 written out literally, and to diffusers' UniDiffuserTextDecoder.generate_beam.
 """
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_attention, fused_norm
+from . import beam_topk, decode_attention, fused_norm
 from .config import CaptionDecoderConfig
 from .random_weights import randomize_
 
@@ -298,14 +299,12 @@ class CaptionDecoder(nn.Module):
         """One token of every search, as the original's loop body (same operations in the same
         order, batched over items); items already `done` keep their state unchanged."""
         B, K, V = st.B, st.K, self.cfg.vocab_size
+        fused = self._fused(st.k.device)
         st.ptr.index_copy_(1, st.gen, st.own)              # the token fed now: each row's own slot
-        h = self.gpt.transformer.step(st.last, st.pos, st.k, st.v, st.ptr, st.P, self._fused(st.k.device))
-        logp = self.gpt.lm_head(h).float().view(B, K, V).softmax(-1).log()
-        logp = torch.where(st.stopped[..., None], st.frozen, logp)
-        total = st.scores[..., None] + logp
+        h = self.gpt.transformer.step(st.last, st.pos, st.k, st.v, st.ptr, st.P, fused)
         lengths = st.lengths + (~st.stopped).float()
-        best, idx = (total / lengths[..., None]).view(B, K * V).topk(K, dim=-1)
-        src, tok = idx // V, idx % V
+        best, src, tok = beam_topk.best_continuations(self.gpt.lm_head(h).view(B, K, V), st.scores, lengths,
+                                                      st.stopped, st.frozen, fused)
         done = st.done[:, None]
         src = torch.where(done, st.same, src)
         lengths = lengths.gather(1, src)

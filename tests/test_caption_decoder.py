@@ -360,15 +360,15 @@ def test_batching_and_early_exit_do_not_change_results(searches):
 @pytest.mark.skipif(not fused_norm.available("cuda" if torch.cuda.is_available() else "cpu"),
                     reason="needs triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU")
 def test_fused_kernels_give_the_same_search(searches):
-    """The fast path's Triton kernels (decode attention through beam pointers, add + LayerNorm)
-    in fp32: the same tokens as the torch operations, eagerly and replayed as a graph."""
+    """The fast path's Triton kernels (decode attention through beam pointers, add + LayerNorm,
+    the next beams' choice) in fp32: the literal reference's tokens (or a tie: the choice takes
+    log(softmax) as x - logsumexp), eagerly and replayed as a graph."""
     ours, text, refs = searches
     model = make_decoder(SEARCH).to("cuda" if torch.cuda.is_available() else "cpu")
-    want = model.generate(text.to(model.decode_prefix.weight.device))
     model.fused = True
-    assert model.generate(text.to(model.decode_prefix.weight.device)) == want
-    assert model.generate(text.to(model.decode_prefix.weight.device), cuda_graph=True) == want
-    assert_same_or_tie("fused kernels vs literal", want, refs)
+    got = model.generate(text.to(model.decode_prefix.weight.device))
+    assert_same_or_tie("fused kernels vs literal", got, refs)
+    assert model.generate(text.to(model.decode_prefix.weight.device), cuda_graph=True) == got
 
 
 def test_output_ends_at_eos_or_runs_full_length(searches):
