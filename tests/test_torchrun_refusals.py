@@ -77,14 +77,14 @@ FAIL_ON_RANK_1 = '''
 import os, sys
 sys.path.insert(0, os.environ["UNIDIFFUSER_ROOT"])
 import run
-from unidiffuser import cli
+from unidiffuser import cli, runs
 from unidiffuser.api import UniDiffuser
 where = os.environ["FAIL_IN"]
 def fail(*args, **kwargs):
     raise ValueError(f"rank {os.environ['RANK']}: injected refusal in {where}")
 if os.environ["RANK"] == "1":
     if where == "checks":
-        run.check_memory = fail
+        runs.check_memory = fail
     else:
         UniDiffuser.from_options = classmethod(lambda cls, *a, **k: fail())
 cli.run(run.main, run.FLAGS)

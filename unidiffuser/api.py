@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 
 from . import limits, options, png
 from .files import output_stem, write_outputs
-from .images import as_input, center_crop
 from .pipeline import Pipeline, Request
 from .tasks import TASKS, check_backend
 
@@ -177,6 +176,8 @@ class UniDiffuser:
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         each = [x for x in each for _ in range(n)]
+        if kind == "image":   # imported here: a task that reads no image never needs the images' code
+            from .images import center_crop
         batches = []
         for i in range(0, total, batch):
             chunk = each[i:i + batch]
@@ -230,6 +231,7 @@ class UniDiffuser:
                 raise limits.InputTypeError("prompt", "{prompt} must be a string or a non-empty list of strings, "
                                             "got {0!r}", inputs)
             return list(items)
+        from .images import as_input
         return [as_input(x) for x in items]
 
     @staticmethod
